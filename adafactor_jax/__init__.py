@@ -1,0 +1,32 @@
+"""Adafactor for JAX, as composable Optax gradient transformations."""
+
+from adafactor_jax import presets, schedules
+from adafactor_jax.alias import adafactor
+from adafactor_jax.clipping import clip_by_update_rms
+from adafactor_jax.factored import (
+  FactoredMoment,
+  ScaleByFactoredRmsState,
+  default_factor_dims,
+  scale_by_factored_rms,
+)
+from adafactor_jax.nonfinite import SkipNonfiniteState, skip_nonfinite
+from adafactor_jax.scaling import scale_by_parameter_scale
+from adafactor_jax.schedules import decay_rate_pow, relative_step_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "FactoredMoment",
+  "ScaleByFactoredRmsState",
+  "SkipNonfiniteState",
+  "adafactor",
+  "clip_by_update_rms",
+  "decay_rate_pow",
+  "default_factor_dims",
+  "presets",
+  "relative_step_size",
+  "scale_by_factored_rms",
+  "scale_by_parameter_scale",
+  "schedules",
+  "skip_nonfinite",
+]

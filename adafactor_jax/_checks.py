@@ -1,0 +1,116 @@
+"""Validation shared by the transformations: hyperparameters and tree shapes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def concrete_value(value: Any) -> Any:
+  """Returns `value` as a NumPy scalar, or None when it is traced (unknown)."""
+  try:
+    return np.asarray(value)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def _interval(low, high, low_open, high_open) -> str:
+  left = "(" if low_open else "["
+  right = ")" if high_open else "]"
+  low_text = "-inf" if low is None else f"{low:g}"
+  high_text = "inf" if high is None else f"{high:g}"
+  return f"{left}{low_text}, {high_text}{right}"
+
+
+def check_scalar(
+  name: str,
+  value: Any,
+  *,
+  low: float | None = None,
+  high: float | None = None,
+  low_open: bool = False,
+  high_open: bool = False,
+  allow_none: bool = False,
+  allow_schedule: bool = False,
+  integer: bool = False,
+  hint: str = "",
+) -> None:
+  """Raises ValueError naming `name` unless `value` is a real scalar in range.
+
+  Traced values (as optax.inject_hyperparams passes under jit) cannot be
+  inspected and are accepted; they were checked when the optimizer was built.
+  """
+  if value is None:
+    if allow_none:
+      return
+    raise ValueError(f"{name} must not be None.")
+  if allow_schedule and callable(value):
+    return
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be a number, got the bool {value!r}.")
+  array = concrete_value(value)
+  if array is None:
+    return
+  kind = "an integer" if integer else "a real number"
+  if allow_schedule:
+    kind += " or a schedule (a callable of the step count)"
+  if array.ndim != 0 or array.dtype.kind not in ("i", "u", "f"):
+    raise ValueError(f"{name} must be {kind}, got {value!r}.")
+  number = array.item()
+  if integer and array.dtype.kind == "f" and not float(number).is_integer():
+    raise ValueError(f"{name} must be an integer, got {value!r}.")
+  bad = not math.isfinite(number)
+  bad = bad or (low is not None and (number < low or (low_open and number == low)))
+  bad = bad or (high is not None and (number > high or (high_open and number == high)))
+  if bad:
+    interval = _interval(low, high, low_open, high_open)
+    message = f"{name} must be in {interval}, got {value!r}."
+    raise ValueError(f"{message} {hint}".rstrip())
+
+
+def check_bool(name: str, value: Any) -> None:
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be True or False, got {value!r}.")
+
+
+def path_name(path: jax.tree_util.KeyPath) -> str:
+  """'encoder/layers/0/kernel' for a key path; '<root>' for a bare array."""
+  return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
+
+
+def check_tree_matches(updates: Any, reference: Any, *, what: str = "gradient") -> None:
+  """Raises ValueError naming the parameter path where the trees differ.
+
+  `reference` holds the parameters, or anything with their shapes (arrays,
+  ShapeDtypeStructs). Called at trace time: it costs nothing in the compiled
+  step.
+  """
+  update_leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
+  reference_leaves = jax.tree_util.tree_flatten_with_path(reference)[0]
+  update_paths = {path_name(p): leaf for p, leaf in update_leaves}
+  reference_paths = {path_name(p): leaf for p, leaf in reference_leaves}
+  missing = [p for p in reference_paths if p not in update_paths]
+  extra = [p for p in update_paths if p not in reference_paths]
+  if missing or extra:
+    parts = []
+    if missing:
+      parts.append(f"no {what} for parameter(s) {', '.join(map(repr, missing))}")
+    if extra:
+      parts.append(f"{what} for unknown parameter(s) {', '.join(map(repr, extra))}")
+    raise ValueError(f"The {what} tree does not match the parameters: {'; '.join(parts)}.")
+  if jax.tree.structure(updates) != jax.tree.structure(reference):
+    raise ValueError(
+      f"The {what} tree has the parameters' paths but not their structure "
+      f"(container types differ): {jax.tree.structure(updates)} vs "
+      f"{jax.tree.structure(reference)}."
+    )
+  for path, leaf in update_paths.items():
+    expected = tuple(np.shape(reference_paths[path]))
+    if tuple(np.shape(leaf)) != expected:
+      raise ValueError(
+        f"The {what} for parameter '{path}' has shape {tuple(np.shape(leaf))}, "
+        f"but the parameter has shape {expected}."
+      )

@@ -1,0 +1,236 @@
+"""The Adafactor optimizer: the transformations chained with the paper's defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adafactor_jax import _checks
+from adafactor_jax.clipping import clip_by_update_rms
+from adafactor_jax.factored import FactorDimsFn, FactorRules, scale_by_factored_rms
+from adafactor_jax.nonfinite import skip_nonfinite as skip_nonfinite_steps
+from adafactor_jax.scaling import scale_by_parameter_scale
+from adafactor_jax.schedules import relative_step_size
+
+# A dtype instance, not the jnp.float32 class: optax.inject_hyperparams takes
+# every callable argument for a schedule, and the class is callable.
+_FLOAT32 = np.dtype("float32")
+
+
+def _momentum_dtype(momentum_dtype: Any) -> jnp.dtype:
+  try:
+    dtype = jnp.dtype(momentum_dtype)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+      f"momentum_dtype must be a floating dtype (float32, bfloat16, ...), got "
+      f"{momentum_dtype!r}. Under optax.inject_hyperparams, a dtype passed "
+      "explicitly is taken for a schedule: add static_args=('momentum_dtype',)."
+    )
+  return dtype
+
+
+def adafactor_chain(
+  *,
+  learning_rate: optax.ScalarOrSchedule | None,
+  decay_rate: float,
+  decay_offset: int,
+  beta2_cap: float | None,
+  clipping_threshold: float | None,
+  multiply_by_parameter_scale: bool,
+  epsilon1: float,
+  epsilon2: float,
+  warmup_init: bool,
+  momentum: float | None,
+  momentum_dtype: Any,
+  weight_decay: optax.ScalarOrSchedule | None,
+  weight_decay_mask: Any,
+  factored: bool,
+  min_dim_size_to_factor: int,
+  skip_nonfinite: bool,
+  factor_dims: FactorDimsFn | FactorRules | None = None,
+  relative_max_step_size: float = 1e-2,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`adafactor`, with the extra knobs the presets need."""
+  _checks.check_scalar(
+    "learning_rate",
+    learning_rate,
+    low=0.0,
+    low_open=True,
+    allow_none=True,
+    allow_schedule=True,
+    hint="Pass None for the paper's relative step size.",
+  )
+  _checks.check_bool("warmup_init", warmup_init)
+  if warmup_init and learning_rate is not None:
+    raise ValueError(
+      "warmup_init=True is the warmup of the relative step size and needs "
+      f"learning_rate=None, got learning_rate={learning_rate!r}. For an "
+      "absolute step with warmup, pass an optax schedule as learning_rate."
+    )
+  _checks.check_scalar(
+    "clipping_threshold",
+    clipping_threshold,
+    low=0.0,
+    low_open=True,
+    allow_none=True,
+    hint="Pass None to turn clipping off.",
+  )
+  _checks.check_bool("multiply_by_parameter_scale", multiply_by_parameter_scale)
+  _checks.check_scalar(
+    "momentum",
+    momentum,
+    low=0.0,
+    high=1.0,
+    high_open=True,
+    allow_none=True,
+  )
+  momentum_dtype = _momentum_dtype(momentum_dtype)
+  _checks.check_scalar(
+    "weight_decay",
+    weight_decay,
+    low=0.0,
+    allow_none=True,
+    allow_schedule=True,
+  )
+  if weight_decay is None and weight_decay_mask is not None:
+    raise ValueError(
+      "weight_decay_mask is set but weight_decay is None: pass weight_decay too, or drop the mask."
+    )
+  _checks.check_bool("skip_nonfinite", skip_nonfinite)
+  _checks.check_scalar("epsilon2", epsilon2, low=0.0)
+
+  chain = [
+    scale_by_factored_rms(
+      decay_rate=decay_rate,
+      decay_offset=decay_offset,
+      beta2_cap=beta2_cap,
+      epsilon1=epsilon1,
+      factored=factored,
+      min_dim_size_to_factor=min_dim_size_to_factor,
+      factor_dims=factor_dims,
+    )
+  ]
+  if clipping_threshold is not None:
+    chain.append(clip_by_update_rms(clipping_threshold))
+  if learning_rate is None:
+    learning_rate = relative_step_size(warmup_init, relative_max_step_size)
+  chain.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
+  if multiply_by_parameter_scale:
+    chain.append(scale_by_parameter_scale(epsilon2))
+  if momentum is not None:
+    chain.append(optax.ema(momentum, debias=False, accumulator_dtype=momentum_dtype))
+  if weight_decay is not None:
+    chain.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+  chain.append(optax.scale(-1.0))
+  tx = optax.chain(*chain)
+  return skip_nonfinite_steps(tx) if skip_nonfinite else tx
+
+
+def adafactor(
+  learning_rate: optax.ScalarOrSchedule | None = None,
+  decay_rate: float = 0.8,
+  decay_offset: int = 0,
+  beta2_cap: float | None = None,
+  clipping_threshold: float | None = 1.0,
+  multiply_by_parameter_scale: bool = True,
+  epsilon1: float = 1e-30,
+  epsilon2: float = 1e-3,
+  warmup_init: bool = False,
+  momentum: float | None = None,
+  momentum_dtype: Any = _FLOAT32,
+  weight_decay: optax.ScalarOrSchedule | None = None,
+  weight_decay_mask: Any = None,
+  factored: bool = True,
+  min_dim_size_to_factor: int = 128,
+  skip_nonfinite: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""The Adafactor optimizer, with the defaults of the paper's Algorithm 6.
+
+  Each step, for every parameter :math:`X` with gradient :math:`G`, in order:
+
+  1. :math:`U = G/\sqrt{\hat V}`, the factored second moment
+     (:func:`scale_by_factored_rms`; float32 statistics, decay
+     :math:`\hat\beta_{2t} = \min(\text{beta2\_cap}, 1 - (t - \text{decay\_offset})^{-c})`);
+  2. clipping, :math:`U / \max(1, \mathrm{RMS}(U)/d)`
+     (:func:`clip_by_update_rms`; skipped when ``clipping_threshold`` is None);
+  3. times the step size: ``learning_rate`` (a float or an optax schedule), or
+     when it is None the relative step :math:`\rho_t = \min(10^{-2}, 1/\sqrt t)`
+     (:func:`adafactor_jax.schedules.relative_step_size`);
+  4. times the parameter scale :math:`\max(\epsilon_2, \mathrm{RMS}(X))`
+     (:func:`scale_by_parameter_scale`), if ``multiply_by_parameter_scale``;
+  5. momentum, if set: an exponential moving average
+     :math:`M \leftarrow \beta_1 M + (1-\beta_1) U` of the update *after* steps
+     1–4, i.e. of the clipped, step-size-scaled update, with no bias
+     correction, stored in ``momentum_dtype`` (as optax and T5X; HF #34506);
+  6. decoupled weight decay, if set: :math:`U + \lambda X` for the parameters
+     ``weight_decay_mask`` selects; :math:`\lambda` is *not* multiplied by the
+     step size (as optax and T5X: :math:`X (1 - \lambda)`);
+  7. negated, so that ``optax.apply_updates`` descends:
+     :math:`X_t = X_{t-1} - \alpha_t \hat U_t`.
+
+  With ``learning_rate`` a float, the numerics equal ``optax.adafactor`` with
+  the same arguments. Unlike ``optax.adafactor``, ``learning_rate=None`` means
+  the paper's relative step (optax then takes no step size at all), statistics
+  stay float32 for bf16 parameters, ``decay_offset > 0`` is finite, and the
+  state holds no placeholders for unfactored or factored leaves.
+
+  Args:
+    learning_rate: None for the relative step size :math:`\rho_t`, or an
+      absolute step size > 0 (float or optax schedule), still multiplied by the
+      parameter scale when that is on.
+    decay_rate: :math:`c > 0` in :math:`\hat\beta_{2t} = 1 - t^{-c}` (0.8).
+      HF/torch write ``-0.8`` for this.
+    decay_offset: steps >= 0 after which the decay restarts (fine-tuning).
+    beta2_cap: optional upper bound in (0, 1] on :math:`\hat\beta_{2t}`.
+    clipping_threshold: :math:`d > 0`, or None for no update clipping.
+    multiply_by_parameter_scale: scale steps by :math:`\max(\epsilon_2,
+      \mathrm{RMS}(X))`.
+    epsilon1: :math:`\epsilon_1 > 0` added to :math:`G^2`.
+    epsilon2: :math:`\epsilon_2 \ge 0`, the least parameter scale.
+    warmup_init: use :math:`\min(10^{-6}t, 1/\sqrt t)`; only with
+      ``learning_rate=None``.
+    momentum: :math:`\beta_1 \in [0, 1)`, or None for no first moment (and no
+      memory for it).
+    momentum_dtype: dtype of the momentum buffer (float32; bfloat16 halves it).
+    weight_decay: decoupled weight decay rate >= 0 (float or schedule), or None.
+    weight_decay_mask: a tree of bools (or a callable of the params giving
+      one) selecting the parameters to decay, as ``optax.add_decayed_weights``.
+    factored: factor the second moment of parameters of rank >= 2.
+    min_dim_size_to_factor: factor only when the second largest dimension is
+      at least this (>= 1).
+    skip_nonfinite: if True, a step whose gradients hold a NaN or an Inf leaves
+      the parameters and the whole state bit-identical and counts the step in
+      ``state.skipped_steps`` (:func:`adafactor_jax.skip_nonfinite`). If False
+      (the default), non-finite gradients propagate into the parameters and
+      statistics as they would in optax.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  References:
+    Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory
+    Cost <https://arxiv.org/abs/1804.04235>`_, 2018.
+  """
+  return adafactor_chain(
+    learning_rate=learning_rate,
+    decay_rate=decay_rate,
+    decay_offset=decay_offset,
+    beta2_cap=beta2_cap,
+    clipping_threshold=clipping_threshold,
+    multiply_by_parameter_scale=multiply_by_parameter_scale,
+    epsilon1=epsilon1,
+    epsilon2=epsilon2,
+    warmup_init=warmup_init,
+    momentum=momentum,
+    momentum_dtype=momentum_dtype,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    factored=factored,
+    min_dim_size_to_factor=min_dim_size_to_factor,
+    skip_nonfinite=skip_nonfinite,
+  )

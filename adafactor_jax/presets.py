@@ -1,0 +1,225 @@
+"""Other systems' Adafactor semantics, rebuilt from this library's pieces.
+
+Each preset returns an `optax.GradientTransformation` whose update equals (or,
+where noted, closely approximates) what the named system computes, so that a
+run can move here without changing its numerics. Differences that remain are
+listed in each docstring.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+
+from adafactor_jax import schedules
+from adafactor_jax.alias import adafactor, adafactor_chain
+from adafactor_jax.clipping import clip_by_update_rms
+from adafactor_jax.factored import scale_by_factored_rms
+from adafactor_jax.scaling import scale_by_parameter_scale
+
+
+def _last_two_axes(path: str, shape: tuple[int, ...]):
+  """Factor the last two axes of every parameter of rank >= 2 (torch, HF)."""
+  del path
+  return (len(shape) - 2, len(shape) - 1) if len(shape) >= 2 else None
+
+
+def paper(**overrides: Any) -> optax.GradientTransformationExtraArgs:
+  """Algorithm 6 of Shazeer & Stern (2018): :func:`adafactor_jax.adafactor`'s defaults.
+
+  Relative step :math:`\\min(10^{-2}, 1/\\sqrt t)` times the parameter scale,
+  :math:`\\hat\\beta_{2t} = 1 - t^{-0.8}`, clipping at :math:`d = 1`,
+  :math:`\\epsilon_1 = 10^{-30}`, :math:`\\epsilon_2 = 10^{-3}`, no momentum.
+  ``overrides`` are passed on to :func:`adafactor_jax.adafactor`.
+  """
+  return adafactor(**overrides)
+
+
+def t5x(
+  learning_rate: optax.ScalarOrSchedule | None = None,
+  weight_decay: float | None = None,
+  factor_dims: Any = None,
+  momentum: float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """T5X's ``adafactor.Adafactor`` with T5's pre-training learning rate.
+
+  ``learning_rate`` defaults to :func:`adafactor_jax.schedules.rsqrt_decay`
+  (1/sqrt(max(step, 10,000)), T5's 'constant * rsqrt_decay'); for T5
+  fine-tuning pass a constant such as 1e-3. Parameter scale on
+  (:math:`\\epsilon_2 = 10^{-3}`), decay 0.8, clipping 1.0, min dim 128,
+  float32 statistics, momentum off, weight decay :math:`X(1 - \\lambda)`.
+
+  Differences from T5X: T5X chooses factored axes by logical axis rules and
+  fails on rank > 2 parameters without one (t5x #243); here
+  ``factor_dims`` (see :func:`adafactor_jax.scale_by_factored_rms`) or the
+  default two-largest choice decides. T5X clips per non-batch slice and has
+  ``max_parameter_scale``; here clipping and the parameter scale are per
+  parameter and unbounded.
+  """
+  return adafactor_chain(
+    learning_rate=schedules.rsqrt_decay() if learning_rate is None else learning_rate,
+    decay_rate=0.8,
+    decay_offset=0,
+    beta2_cap=None,
+    clipping_threshold=1.0,
+    multiply_by_parameter_scale=True,
+    epsilon1=1e-30,
+    epsilon2=1e-3,
+    warmup_init=False,
+    momentum=momentum,
+    momentum_dtype=jnp.float32,
+    weight_decay=weight_decay,
+    weight_decay_mask=None,
+    factored=True,
+    min_dim_size_to_factor=128,
+    skip_nonfinite=False,
+    factor_dims=factor_dims,
+  )
+
+
+def big_vision(
+  learning_rate: optax.ScalarOrSchedule,
+  weight_decay: optax.ScalarOrSchedule | None = None,
+  weight_decay_mask: Any = None,
+  momentum: float = 0.9,
+  momentum_dtype: Any = jnp.bfloat16,
+  beta2_cap: float = 0.999,
+  min_dim_size_to_factor: int = 32,
+) -> optax.GradientTransformation:
+  """Big Vision's ``scale_by_adafactor`` (Zhai et al. 2021, ViT-G) plus its lr.
+
+  Factored second moment with :math:`\\hat\\beta_{2t}` capped at 0.999 and
+  ``min_dim_size_to_factor=32``, no update clipping, no parameter scale, then
+  momentum 0.9 stored in bfloat16 *before* the learning rate (an average of
+  :math:`G/\\sqrt{\\hat V}`, unlike :func:`adafactor_jax.adafactor` whose momentum
+  averages the scaled step), then decoupled weight decay added before the
+  learning rate, so that it is scaled by it: :math:`X \\leftarrow X -
+  \\eta_t(M + \\lambda X)`.
+
+  Difference from Big Vision: Big Vision keeps statistics in the parameter
+  dtype; here they are float32.
+
+  References:
+    Zhai et al., `Scaling Vision Transformers <https://arxiv.org/abs/2106.04560>`_, 2021.
+  """
+  chain = [
+    scale_by_factored_rms(beta2_cap=beta2_cap, min_dim_size_to_factor=min_dim_size_to_factor),
+    optax.ema(momentum, debias=False, accumulator_dtype=momentum_dtype),
+  ]
+  if weight_decay is not None:
+    chain.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+  chain.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*chain)
+
+
+def hf_transformers(
+  lr: float | None = None,
+  eps: tuple[float, float] = (1e-30, 1e-3),
+  clip_threshold: float = 1.0,
+  decay_rate: float = -0.8,
+  beta1: float | None = None,
+  weight_decay: float = 0.0,
+  scale_parameter: bool = True,
+  relative_step: bool = True,
+  warmup_init: bool = False,
+) -> optax.GradientTransformation:
+  """``transformers.Adafactor`` with its own argument names and meanings.
+
+  Translation: ``decay_rate=-0.8`` is this library's 0.8; ``eps`` is
+  (``epsilon1``, ``epsilon2``); ``relative_step=True`` means ``lr=None`` here;
+  ``scale_parameter`` is ``multiply_by_parameter_scale``; ``beta1`` is
+  ``momentum``. Like HF, every parameter of rank >= 2 is factored over its last
+  two axes, with no minimum size (HF #14830), and weight decay is multiplied by
+  the full step size (relative step times parameter scale):
+  :math:`X \\leftarrow X(1 - \\lambda\\alpha_t) - \\alpha_t \\hat U_t`. Exact
+  without ``beta1``; with it, the weight-decay term is also averaged by the
+  momentum (HF adds it outside the average).
+
+  Raises:
+    ValueError: for the combinations HF rejects (``lr`` with
+      ``relative_step=True``, ``warmup_init`` without it) and for a positive
+      ``decay_rate``, which HF would turn into a growing second moment.
+  """
+  if decay_rate >= 0:
+    raise ValueError(
+      f"decay_rate is HF's negative exponent (-0.8), got {decay_rate!r}. "
+      "adafactor_jax.adafactor takes the positive 0.8."
+    )
+  if relative_step and lr is not None:
+    raise ValueError("lr must be None with relative_step=True (as in HF).")
+  if not relative_step and lr is None:
+    raise ValueError("lr is required with relative_step=False (as in HF).")
+  if warmup_init and not relative_step:
+    raise ValueError("warmup_init=True requires relative_step=True (as in HF).")
+  epsilon1, epsilon2 = eps
+  chain = [
+    scale_by_factored_rms(
+      decay_rate=-decay_rate,
+      epsilon1=epsilon1,
+      factor_dims=_last_two_axes,
+      min_dim_size_to_factor=1,
+    ),
+    clip_by_update_rms(clip_threshold),
+  ]
+  if weight_decay:
+    # Added before the step size, so that it is multiplied by it, as HF does.
+    chain.append(optax.add_decayed_weights(weight_decay))
+  step_size = schedules.relative_step_size(warmup_init) if relative_step else lr
+  chain.append(optax.scale_by_learning_rate(step_size, flip_sign=False))
+  if scale_parameter:
+    chain.append(scale_by_parameter_scale(epsilon2))
+  if beta1 is not None:
+    chain.append(optax.ema(beta1, debias=False))
+  chain.append(optax.scale(-1.0))
+  return optax.chain(*chain)
+
+
+def torch_adafactor(
+  lr: float = 1e-2,
+  beta2_decay: float = -0.8,
+  eps: tuple[float | None, float] = (None, 1e-3),
+  d: float = 1.0,
+  weight_decay: float = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+  """``torch.optim.Adafactor`` with its own argument names and meanings.
+
+  Translation: the step size is :math:`\\min(\text{lr}, 1/\\sqrt t)` times the
+  parameter scale (always on); ``beta2_decay=-0.8`` is this library's 0.8;
+  ``d`` is ``clipping_threshold``; weight decay is
+  :math:`X \\leftarrow X(1 - \text{lr}\\,\\lambda)`; every parameter of rank >= 2
+  is factored over its last two axes.
+
+  Difference from torch: torch *clamps* the second-moment estimate at
+  ``eps[0]`` squared (default: the dtype's machine epsilon, 0.0078 in bf16) where
+  the paper and this library *add* :math:`\\epsilon_1` to :math:`G^2`; here
+  ``eps[0]`` (default float32 machine epsilon) squared is added. The two agree
+  whenever gradients are not tiny.
+  """
+  if beta2_decay >= 0:
+    raise ValueError(
+      f"beta2_decay is torch's negative exponent (-0.8), got {beta2_decay!r}. "
+      "adafactor_jax.adafactor takes the positive decay_rate=0.8."
+    )
+  epsilon1 = eps[0] if eps[0] is not None else float(jnp.finfo(jnp.float32).eps)
+  return adafactor_chain(
+    learning_rate=None,
+    decay_rate=-beta2_decay,
+    decay_offset=0,
+    beta2_cap=None,
+    clipping_threshold=d,
+    multiply_by_parameter_scale=True,
+    epsilon1=epsilon1**2,
+    epsilon2=eps[1],
+    warmup_init=False,
+    momentum=None,
+    momentum_dtype=jnp.float32,
+    weight_decay=lr * weight_decay if weight_decay else None,
+    weight_decay_mask=None,
+    factored=True,
+    min_dim_size_to_factor=1,
+    skip_nonfinite=False,
+    factor_dims=_last_two_axes,
+    relative_max_step_size=lr,
+  )

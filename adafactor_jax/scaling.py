@@ -1,0 +1,47 @@
+"""The parameter-scale multiplier of Adafactor (Section 8)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adafactor_jax import _checks
+from adafactor_jax.clipping import rms
+
+
+def scale_by_parameter_scale(epsilon2: float = 1e-3) -> optax.GradientTransformation:
+  r"""Multiplies each parameter's update by the parameter's own scale.
+
+  .. math::
+    U_t \leftarrow U_t \cdot \max\big(\epsilon_2, \mathrm{RMS}(X_{t-1})\big),
+
+  the RMS over the whole parameter, in float32. Chained after a relative step
+  size :math:`\rho_t` it gives the paper's absolute step
+  :math:`\alpha_t = \max(\epsilon_2, \mathrm{RMS}(X_{t-1}))\,\rho_t`; ``epsilon2``
+  lets parameters that start at zero move.
+
+  Args:
+    epsilon2: the lower bound :math:`\epsilon_2 \ge 0` on the scale (paper: 1e-3).
+
+  Returns:
+    An `optax.GradientTransformation` with no state; its update needs ``params``.
+
+  References:
+    Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory
+    Cost <https://arxiv.org/abs/1804.04235>`_, 2018, Section 8.
+  """
+  _checks.check_scalar("epsilon2", epsilon2, low=0.0)
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(optax.NO_PARAMS_MSG)
+    _checks.check_tree_matches(updates, params)
+
+    def scale(update, param):
+      factor = jnp.maximum(epsilon2, rms(param))
+      return (update.astype(jnp.float32) * factor).astype(update.dtype)
+
+    return jax.tree.map(scale, updates, params), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
