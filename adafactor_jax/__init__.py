@@ -9,6 +9,7 @@ from adafactor_jax.factored import (
   default_factor_dims,
   scale_by_factored_rms,
 )
+from adafactor_jax.momentum import EmaMomentumState, ema_momentum
 from adafactor_jax.nonfinite import SkipNonfiniteState, skip_nonfinite
 from adafactor_jax.scaling import scale_by_parameter_scale
 from adafactor_jax.schedules import decay_rate_pow, relative_step_size
@@ -16,6 +17,7 @@ from adafactor_jax.schedules import decay_rate_pow, relative_step_size
 __version__ = "0.1.0"
 
 __all__ = [
+  "EmaMomentumState",
   "FactoredMoment",
   "ScaleByFactoredRmsState",
   "SkipNonfiniteState",
@@ -23,6 +25,7 @@ __all__ = [
   "clip_by_update_rms",
   "decay_rate_pow",
   "default_factor_dims",
+  "ema_momentum",
   "presets",
   "relative_step_size",
   "scale_by_factored_rms",

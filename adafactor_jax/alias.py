@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from adafactor_jax import _checks
 from adafactor_jax.clipping import clip_by_update_rms
 from adafactor_jax.factored import FactorDimsFn, FactorRules, scale_by_factored_rms
+from adafactor_jax.momentum import ema_momentum, momentum_dtype_or_error
 from adafactor_jax.nonfinite import skip_nonfinite as skip_nonfinite_steps
 from adafactor_jax.scaling import scale_by_parameter_scale
 from adafactor_jax.schedules import relative_step_size
@@ -18,20 +18,6 @@ from adafactor_jax.schedules import relative_step_size
 # A dtype instance, not the jnp.float32 class: optax.inject_hyperparams takes
 # every callable argument for a schedule, and the class is callable.
 _FLOAT32 = np.dtype("float32")
-
-
-def _momentum_dtype(momentum_dtype: Any) -> jnp.dtype:
-  try:
-    dtype = jnp.dtype(momentum_dtype)
-  except TypeError:
-    dtype = None
-  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(
-      f"momentum_dtype must be a floating dtype (float32, bfloat16, ...), got "
-      f"{momentum_dtype!r}. Under optax.inject_hyperparams, a dtype passed "
-      "explicitly is taken for a schedule: add static_args=('momentum_dtype',)."
-    )
-  return dtype
 
 
 def adafactor_chain(
@@ -89,7 +75,7 @@ def adafactor_chain(
     high_open=True,
     allow_none=True,
   )
-  momentum_dtype = _momentum_dtype(momentum_dtype)
+  momentum_dtype = momentum_dtype_or_error(momentum_dtype)
   _checks.check_scalar(
     "weight_decay",
     weight_decay,
@@ -123,7 +109,7 @@ def adafactor_chain(
   if multiply_by_parameter_scale:
     chain.append(scale_by_parameter_scale(epsilon2))
   if momentum is not None:
-    chain.append(optax.ema(momentum, debias=False, accumulator_dtype=momentum_dtype))
+    chain.append(ema_momentum(momentum, momentum_dtype))
   if weight_decay is not None:
     chain.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
   chain.append(optax.scale(-1.0))
@@ -166,7 +152,8 @@ def adafactor(
   5. momentum, if set: an exponential moving average
      :math:`M \leftarrow \beta_1 M + (1-\beta_1) U` of the update *after* steps
      1–4, i.e. of the clipped, step-size-scaled update, with no bias
-     correction, stored in ``momentum_dtype`` (as optax and T5X; HF #34506);
+     correction, stored in ``momentum_dtype`` (as optax and T5X; HF #34506),
+     with float32 arithmetic (:func:`adafactor_jax.ema_momentum`);
   6. decoupled weight decay, if set: :math:`U + \lambda X` for the parameters
      ``weight_decay_mask`` selects; :math:`\lambda` is *not* multiplied by the
      step size (as optax and T5X: :math:`X (1 - \lambda)`);

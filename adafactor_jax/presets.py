@@ -17,6 +17,7 @@ from adafactor_jax import schedules
 from adafactor_jax.alias import adafactor, adafactor_chain
 from adafactor_jax.clipping import clip_by_update_rms
 from adafactor_jax.factored import scale_by_factored_rms
+from adafactor_jax.momentum import ema_momentum
 from adafactor_jax.scaling import scale_by_parameter_scale
 
 
@@ -106,7 +107,7 @@ def big_vision(
   """
   chain = [
     scale_by_factored_rms(beta2_cap=beta2_cap, min_dim_size_to_factor=min_dim_size_to_factor),
-    optax.ema(momentum, debias=False, accumulator_dtype=momentum_dtype),
+    ema_momentum(momentum, momentum_dtype),
   ]
   if weight_decay is not None:
     chain.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
@@ -171,7 +172,7 @@ def hf_transformers(
   if scale_parameter:
     chain.append(scale_by_parameter_scale(epsilon2))
   if beta1 is not None:
-    chain.append(optax.ema(beta1, debias=False))
+    chain.append(ema_momentum(beta1))
   chain.append(optax.scale(-1.0))
   return optax.chain(*chain)
 

@@ -1,0 +1,72 @@
+"""Momentum: an exponential moving average of the updates, stored compactly."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adafactor_jax import _checks
+
+
+class EmaMomentumState(NamedTuple):
+  """State of :func:`ema_momentum`: one buffer per parameter."""
+
+  momentum: optax.Updates
+
+
+def momentum_dtype_or_error(momentum_dtype: Any) -> jnp.dtype:
+  """`momentum_dtype` as a floating dtype, or a ValueError naming it."""
+  try:
+    dtype = jnp.dtype(momentum_dtype)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+      f"momentum_dtype must be a floating dtype (float32, bfloat16, ...), got "
+      f"{momentum_dtype!r}. Under optax.inject_hyperparams, a dtype passed "
+      "explicitly is taken for a schedule: add static_args=('momentum_dtype',)."
+    )
+  return dtype
+
+
+def ema_momentum(
+  momentum: float = 0.9, momentum_dtype: Any = jnp.float32
+) -> optax.GradientTransformation:
+  r"""An exponential moving average of the updates, without bias correction.
+
+  .. math::
+    M_t = \beta_1 M_{t-1} + (1 - \beta_1) U_t, \qquad U_t \leftarrow M_t.
+
+  The arithmetic is float32 and only the stored buffer has ``momentum_dtype``,
+  so a bfloat16 buffer costs one rounding per step. (``optax.ema`` with a
+  bfloat16 accumulator also rounds :math:`\beta_1 M_{t-1}` to bfloat16.) The
+  returned update is the unrounded :math:`M_t`, in the update's dtype.
+
+  Args:
+    momentum: :math:`\beta_1 \in [0, 1)`.
+    momentum_dtype: dtype of the stored buffer; bfloat16 halves its memory.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is :class:`EmaMomentumState`.
+  """
+  _checks.check_scalar("momentum", momentum, low=0.0, high=1.0, high_open=True)
+  momentum_dtype = momentum_dtype_or_error(momentum_dtype)
+
+  def init_fn(params):
+    return EmaMomentumState(jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), momentum_dtype), params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    new = jax.tree.map(
+      lambda u, m: momentum * m.astype(jnp.float32) + (1.0 - momentum) * u.astype(jnp.float32),
+      updates,
+      state.momentum,
+    )
+    updates = jax.tree.map(lambda n, u: n.astype(u.dtype), new, updates)
+    stored = jax.tree.map(lambda n: n.astype(momentum_dtype), new)
+    return updates, EmaMomentumState(stored)
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,84 @@
+"""Shared fixtures: parameters of every rank, and gradients to feed them."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+
+def make_params(seed: int = 0) -> dict[str, np.ndarray]:
+  """1-D to 4-D float32 parameters; some factored by default, some not."""
+  rng = np.random.default_rng(seed)
+  shapes = {
+    "bias": (300,),  # rank 1: full second moment
+    "kernel": (256, 192),  # factored
+    "narrow": (8, 300),  # second dim < 128: full second moment
+    "stacked": (4, 160, 144),  # factored with a batch axis
+    "conv": (3, 3, 128, 160),  # a conv kernel, factored on its two last axes
+  }
+  params = {k: (0.05 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+  params["bias"][:] = 0.0  # exercises epsilon2
+  return params
+
+
+def make_grads(params, step: int, seed: int = 1) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng([seed, step])
+  scale = 10.0 ** rng.uniform(-3, 1)  # the gradient scale moves across steps
+  return {
+    k: (scale * rng.standard_normal(p.shape) * (1 + rng.random(p.shape[-1:]))).astype(np.float32)
+    for k, p in params.items()
+  }
+
+
+def run_optax(tx: optax.GradientTransformation, params, grads_list, jit: bool = True):
+  """Applies tx for each gradient; returns (final params, final state)."""
+  params = jax.tree.map(jnp.asarray, params)
+  state = tx.init(params)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  if jit:
+    step = jax.jit(step)
+  for grads in grads_list:
+    params, state = step(params, state, jax.tree.map(jnp.asarray, grads))
+  return params, state
+
+
+def run_accumulating_float64(
+  tx: optax.GradientTransformation, params, grads_list, jit: bool = True
+):
+  """Like run_optax, but the parameters are kept in float64 by the harness.
+
+  The optimizer sees float32 parameters and returns float32 updates; adding
+  those in float64 keeps float32 *storage* rounding (which can be large next to
+  a tiny step, e.g. with warmup_init) out of a comparison of the update numerics.
+  """
+  params64 = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  state = tx.init(jax.tree.map(jnp.asarray, params))
+  update = jax.jit(tx.update) if jit else tx.update
+  for grads in grads_list:
+    params32 = {k: jnp.asarray(v, jnp.float32) for k, v in params64.items()}
+    updates, state = update(jax.tree.map(jnp.asarray, grads), state, params32)
+    params64 = {k: params64[k] + np.asarray(updates[k], np.float64) for k in params64}
+  return params64, state
+
+
+def relative_error(actual: dict, expected: dict, start: dict) -> dict[str, float]:
+  """Per leaf: |actual - expected| / |expected - start|, the error relative to
+  the total parameter movement."""
+  out = {}
+  for k in expected:
+    moved = np.linalg.norm(np.asarray(expected[k], np.float64) - np.asarray(start[k], np.float64))
+    diff = np.linalg.norm(np.asarray(actual[k], np.float64) - np.asarray(expected[k], np.float64))
+    out[k] = diff / moved
+  return out
+
+
+@pytest.fixture
+def params():
+  return make_params()

@@ -1,0 +1,140 @@
+"""An independent float64 NumPy reference of Adafactor (Shazeer & Stern 2018).
+
+Written from the paper, not from the library: the factored statistics use the
+paper's row and column *sums* with the factored axes moved last, the second
+moment is formed as the full matrix V̂ = R Cᵀ / (1ᵀR), and every step is
+float64. Options follow `adafactor_jax.adafactor`'s documented order of
+operations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+
+
+def two_largest_axes(shape, min_dim_size_to_factor):
+  """Two largest dims (later axis wins a tie), if the smaller is large enough."""
+  if len(shape) < 2:
+    return None
+  ranked = sorted(range(len(shape)), key=lambda i: (shape[i], i))
+  first, second = ranked[-1], ranked[-2]
+  if shape[second] < min_dim_size_to_factor:
+    return None
+  return tuple(sorted((first, second)))
+
+
+@dataclass
+class Options:
+  learning_rate: float | Callable[[int], float] | None = None
+  decay_rate: float = 0.8
+  decay_offset: int = 0
+  beta2_cap: float | None = None
+  clipping_threshold: float | None = 1.0
+  multiply_by_parameter_scale: bool = True
+  epsilon1: float = 1e-30
+  epsilon2: float = 1e-3
+  warmup_init: bool = False
+  momentum: float | None = None
+  momentum_dtype: str = "float32"
+  weight_decay: float | Callable[[int], float] | None = None
+  weight_decay_mask: dict | None = None
+  factored: bool = True
+  min_dim_size_to_factor: int = 128
+  skip_nonfinite: bool = False
+
+
+@dataclass
+class LeafState:
+  axes: tuple[int, int] | None
+  row: np.ndarray | None = None  # sums over the column axis, shape (..., n)
+  col: np.ndarray | None = None  # sums over the row axis, shape (..., m)
+  v: np.ndarray | None = None
+  m: np.ndarray | None = None
+
+
+@dataclass
+class Reference:
+  """Runs Adafactor in float64 on a dict of NumPy parameters."""
+
+  options: Options
+  params: dict
+  t: int = 0
+  skipped: int = 0
+  state: dict = field(default_factory=dict)
+
+  def __post_init__(self):
+    self.params = {k: np.asarray(v, np.float64) for k, v in self.params.items()}
+    o = self.options
+    for name, x in self.params.items():
+      axes = two_largest_axes(x.shape, o.min_dim_size_to_factor) if o.factored else None
+      leaf = LeafState(axes)
+      if axes is None:
+        leaf.v = np.zeros_like(x)
+      else:
+        moved = np.moveaxis(x, axes, (-2, -1))
+        leaf.row = np.zeros(moved.shape[:-1])
+        leaf.col = np.zeros(moved.shape[:-2] + moved.shape[-1:])
+      if o.momentum is not None:
+        leaf.m = np.zeros_like(x)
+      self.state[name] = leaf
+
+  def _beta2(self, t):
+    o = self.options
+    beta2 = 1.0 - max(t - o.decay_offset, 1) ** (-o.decay_rate)
+    return beta2 if o.beta2_cap is None else min(beta2, o.beta2_cap)
+
+  def _step_size(self, t):
+    o = self.options
+    if o.learning_rate is None:
+      limit = 1e-6 * t if o.warmup_init else 1e-2
+      return min(limit, 1.0 / np.sqrt(t))
+    if callable(o.learning_rate):
+      return float(o.learning_rate(t - 1))
+    return o.learning_rate
+
+  def step(self, grads: dict) -> None:
+    o = self.options
+    grads = {k: np.asarray(g, np.float64) for k, g in grads.items()}
+    if o.skip_nonfinite and not all(np.all(np.isfinite(g)) for g in grads.values()):
+      self.skipped += 1
+      return
+    self.t += 1
+    t = self.t
+    beta2 = self._beta2(t)
+    for name, g in grads.items():
+      x, leaf = self.params[name], self.state[name]
+      if leaf.axes is None:
+        leaf.v = beta2 * leaf.v + (1 - beta2) * (g * g + o.epsilon1)
+        u = g / np.sqrt(leaf.v)
+      else:
+        g_moved = np.moveaxis(g, leaf.axes, (-2, -1))
+        n, m = g_moved.shape[-2:]
+        sq = g_moved * g_moved + o.epsilon1
+        # The paper's sums: R = (G²+ε1) 1_m, C = 1_nᵀ (G²+ε1); the library keeps
+        # means, and R Cᵀ / (1ᵀR) is the same either way.
+        leaf.row = beta2 * leaf.row + (1 - beta2) * sq.sum(-1)
+        leaf.col = beta2 * leaf.col + (1 - beta2) * sq.sum(-2)
+        v_hat = leaf.row[..., :, None] * leaf.col[..., None, :] / leaf.row.sum(-1)[..., None, None]
+        u = np.moveaxis(g_moved / np.sqrt(v_hat), (-2, -1), leaf.axes)
+        del n, m
+      if o.clipping_threshold is not None:
+        u = u / max(1.0, np.sqrt(np.mean(u * u)) / o.clipping_threshold)
+      alpha = self._step_size(t)
+      if o.multiply_by_parameter_scale:
+        alpha *= max(o.epsilon2, np.sqrt(np.mean(x * x)))
+      u = alpha * u
+      if o.momentum is not None:
+        new_m = o.momentum * leaf.m + (1 - o.momentum) * u
+        u = new_m
+        if o.momentum_dtype == "bfloat16":
+          # Stored as the library documents: float32 arithmetic, rounded once.
+          new_m = new_m.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+        leaf.m = new_m
+      if o.weight_decay is not None and (o.weight_decay_mask or {}).get(name, True):
+        wd = o.weight_decay(t - 1) if callable(o.weight_decay) else o.weight_decay
+        u = u + wd * x
+      self.params[name] = x - u
