@@ -45,6 +45,8 @@ class Options:
   factored: bool = True
   min_dim_size_to_factor: int = 128
   skip_nonfinite: bool = False
+  # (shape) -> factored axes; None for two_largest_axes with min_dim_size_to_factor.
+  factor_axes: Callable[[tuple[int, ...]], tuple[int, int] | None] | None = None
 
 
 @dataclass
@@ -70,7 +72,12 @@ class Reference:
     self.params = {k: np.asarray(v, np.float64) for k, v in self.params.items()}
     o = self.options
     for name, x in self.params.items():
-      axes = two_largest_axes(x.shape, o.min_dim_size_to_factor) if o.factored else None
+      if not o.factored:
+        axes = None
+      elif o.factor_axes is not None:
+        axes = o.factor_axes(x.shape)
+      else:
+        axes = two_largest_axes(x.shape, o.min_dim_size_to_factor)
       leaf = LeafState(axes)
       if axes is None:
         leaf.v = np.zeros_like(x)

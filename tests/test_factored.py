@@ -1,0 +1,161 @@
+"""scale_by_factored_rms: the choice of axes, the state, and the statistics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from optax._src import factorized as optax_factorized
+
+import adafactor_jax
+from adafactor_jax import FactoredMoment, default_factor_dims, scale_by_factored_rms
+
+
+@pytest.mark.parametrize(
+  "shape, expected",
+  [
+    ((300,), None),
+    ((), None),
+    ((256, 192), (0, 1)),
+    ((192, 256), (0, 1)),
+    ((8, 300), None),  # second largest 8 < 128
+    ((3, 3, 128, 256), (2, 3)),  # a conv kernel
+    ((4, 160, 144), (1, 2)),  # a leading batch axis
+    ((256, 256, 256), (1, 2)),  # ties go to the later axes, as optax
+    ((512, 3, 128), (0, 2)),
+    ((127, 4096), None),
+    ((128, 128), (0, 1)),
+  ],
+)
+def test_default_factor_dims(shape, expected):
+  assert default_factor_dims(shape, 128) == expected
+  # The same pair of axes as optax, where optax factors.
+  theirs = optax_factorized._factored_dims(shape, True, 128)
+  assert (None if theirs is None else tuple(sorted(theirs))) == expected
+
+
+def test_state_holds_row_and_column_statistics_only():
+  params = {
+    "kernel": jnp.zeros((256, 192), jnp.bfloat16),
+    "conv": jnp.zeros((3, 3, 128, 160)),
+    "bias": jnp.zeros((300,), jnp.float16),
+    "scalar": jnp.zeros(()),
+  }
+  state = scale_by_factored_rms().init(params)
+  nu = state.nu
+  assert isinstance(nu["kernel"], FactoredMoment)
+  assert nu["kernel"].v_row.shape == (256, 1) and nu["kernel"].v_col.shape == (1, 192)
+  assert nu["conv"].v_row.shape == (3, 3, 128, 1) and nu["conv"].v_col.shape == (3, 3, 1, 160)
+  assert nu["bias"].shape == (300,) and nu["scalar"].shape == ()
+  # float32 statistics whatever the parameter dtype, and nothing else per leaf.
+  assert {x.dtype for x in jax.tree.leaves(nu)} == {jnp.dtype(jnp.float32)}
+  n_stats = sum(x.size for x in jax.tree.leaves(nu))
+  assert n_stats == (256 + 192) + 3 * 3 * (128 + 160) + 300 + 1
+  assert state.count.dtype == jnp.int32 and state.count.shape == ()
+
+
+def test_optimizer_state_bytes_have_no_per_leaf_placeholders():
+  """adafactor()'s whole state: statistics plus a few scalars, however many leaves."""
+  params = {f"layer{i}": {"w": jnp.zeros((512, 256)), "b": jnp.zeros(256)} for i in range(20)}
+  state = adafactor_jax.adafactor().init(params)
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  stats_bytes = 20 * 4 * ((512 + 256) + 256)
+  assert stats_bytes <= state_bytes <= stats_bytes + 64  # 64: the step counters
+
+
+def test_statistics_stay_float32_for_bfloat16_parameters():
+  params = {"w": jnp.ones((256, 192), jnp.bfloat16)}
+  tx = adafactor_jax.adafactor()
+  state = tx.init(params)
+  grads = {"w": jnp.full((256, 192), 3e-3, jnp.bfloat16)}
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  assert updates["w"].dtype == jnp.bfloat16
+  moment = state[0].nu["w"]
+  assert moment.v_row.dtype == moment.v_col.dtype == jnp.float32
+  # G² = 9e-6 is kept to float32 precision (bfloat16 would round it to 3 digits).
+  g = np.float32(np.asarray(grads["w"], np.float32)[0, 0])
+  np.testing.assert_allclose(np.asarray(moment.v_row), g * g + 1e-30, rtol=1e-6)
+
+
+def _one_update(tx, grads, steps=3):
+  state = tx.init(grads)
+  for _ in range(steps):
+    updates, state = tx.update(grads, state)
+  return np.asarray(updates)
+
+
+def test_factor_dims_callable_and_rules_choose_the_axes():
+  rng = np.random.default_rng(0)
+  grads = jnp.asarray(rng.standard_normal((6, 40, 50)), jnp.float32)
+  # Factoring axes (0, 2) makes axis 1 a batch axis: each slice along it is
+  # factored on its own, as a 6 x 50 matrix.
+  chosen = _one_update(scale_by_factored_rms(factor_dims=lambda path, shape: (0, 2)), grads)
+  matrix_tx = scale_by_factored_rms(min_dim_size_to_factor=6)
+  for b in (0, 17, 39):
+    np.testing.assert_allclose(chosen[:, b, :], _one_update(matrix_tx, grads[:, b, :]), rtol=1e-5)
+  # ... which differs from the default factoring (axes 1 and 2).
+  default = _one_update(scale_by_factored_rms(min_dim_size_to_factor=6), grads)
+  assert not np.allclose(chosen, default, rtol=1e-2)
+  # Rules: the first regex found in the path decides, None means a full moment,
+  # and unmatched parameters take the default.
+  tx = scale_by_factored_rms(
+    factor_dims=[(r"attn/.*kernel$", (-2, -1)), (r"embed", None)],
+    min_dim_size_to_factor=4,
+  )
+  params = {
+    "attn": {"kernel": jnp.zeros((8, 4, 16))},
+    "embed": jnp.zeros((32, 16)),
+    "mlp": jnp.zeros((4, 16, 8)),
+  }
+  nu = tx.init(params).nu
+  assert nu["attn"]["kernel"].v_row.shape == (8, 4, 1)
+  assert nu["attn"]["kernel"].v_col.shape == (8, 1, 16)
+  assert nu["embed"].shape == (32, 16)
+  assert nu["mlp"].v_row.shape == (4, 16, 1) and nu["mlp"].v_col.shape == (4, 1, 8)
+
+
+def test_row_and_column_roles_are_interchangeable():
+  """V̂ = R Cᵀ / mean(R) is symmetric in which axis is called the row."""
+  grads = jnp.asarray(np.random.default_rng(1).standard_normal((30, 70)), jnp.float32)
+  a = _one_update(scale_by_factored_rms(factor_dims=lambda p, s: (0, 1)), grads)
+  b = _one_update(scale_by_factored_rms(factor_dims=lambda p, s: (1, 0)), grads)
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_decay_offset_is_finite_where_optax_gives_nan():
+  grads = {"w": jnp.ones((256, 192))}
+  ours = scale_by_factored_rms(decay_offset=5)
+  state = ours.init(grads)
+  for _ in range(8):
+    updates, state = ours.update(grads, state)
+    assert np.all(np.isfinite(updates["w"]))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+  theirs = optax.scale_by_factored_rms(step_offset=5)
+  updates, _ = theirs.update(grads, theirs.init(grads), grads)
+  assert np.all(np.isnan(updates["w"]))  # optax PR #1791, fixed here
+
+
+def test_zero_gradients_and_a_zero_row_next_to_huge_rows_stay_finite():
+  grads = np.zeros((256, 192), np.float32)
+  tx = scale_by_factored_rms()
+  updates = _one_update(tx, jnp.asarray(grads))
+  assert np.all(updates == 0)
+  grads[1:] = 1e15  # mean(R) ~ 1e30 while row 0 has R = epsilon1 = 1e-30
+  updates = _one_update(tx, jnp.asarray(grads))
+  assert np.all(np.isfinite(updates))
+  assert np.all(updates[0] == 0)
+  np.testing.assert_allclose(updates[1:], 1.0, rtol=1e-4)
+
+
+def test_update_reads_the_factoring_from_the_state():
+  """The hyperparameters that chose the axes are not needed by update()."""
+  grads = {"w": jnp.ones((256, 192))}
+  by_default = scale_by_factored_rms(min_dim_size_to_factor=128)
+  state = by_default.init(grads)
+  # A transformation built with another min_dim (as inject_hyperparams rebuilds
+  # it inside update) applies the factoring the state was made with.
+  other = scale_by_factored_rms(min_dim_size_to_factor=1000)
+  _, new_state = other.update(grads, state)
+  assert isinstance(new_state.nu["w"], FactoredMoment)
