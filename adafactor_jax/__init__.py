@@ -4,7 +4,6 @@ from adafactor_jax import presets, schedules
 from adafactor_jax.alias import adafactor
 from adafactor_jax.clipping import clip_by_update_rms
 from adafactor_jax.factored import (
-  FactoredMoment,
   ScaleByFactoredRmsState,
   default_factor_dims,
   scale_by_factored_rms,
@@ -18,7 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = [
   "EmaMomentumState",
-  "FactoredMoment",
   "ScaleByFactoredRmsState",
   "SkipNonfiniteState",
   "adafactor",

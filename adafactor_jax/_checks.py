@@ -18,8 +18,8 @@ def concrete_value(value: Any) -> Any:
 
 
 def _interval(low, high, low_open, high_open) -> str:
-  left = "(" if low_open else "["
-  right = ")" if high_open else "]"
+  left = "(" if low_open or low is None else "["
+  right = ")" if high_open or high is None else "]"
   low_text = "-inf" if low is None else f"{low:g}"
   high_text = "inf" if high is None else f"{high:g}"
   return f"{left}{low_text}, {high_text}{right}"

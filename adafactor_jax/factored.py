@@ -27,24 +27,24 @@ FactorRules = Sequence[tuple[str, FactorDims]]
 _TINY = float(np.finfo(np.float32).tiny)
 
 
-class FactoredMoment(NamedTuple):
-  """The factored second moment of one parameter.
+class ScaleByFactoredRmsState(NamedTuple):
+  r"""State of :func:`scale_by_factored_rms`.
 
-  Both arrays keep the parameter's rank: ``v_row`` has size 1 on the column
-  axis it averages over, ``v_col`` size 1 on the row axis. Broadcasting them
-  gives the parameter's shape, and which axes are factored can be read from the
-  shapes alone, so an update never needs the hyperparameters that chose them.
+  ``v_row``, ``v_col`` and ``v`` each have the parameters' tree structure. A
+  factored parameter has float32 arrays in ``v_row`` (:math:`R_t`, the mean of
+  :math:`G^2 + \epsilon_1` over the column axis) and ``v_col`` (:math:`C_t`, the
+  mean over the row axis) and None in ``v``; any other parameter has None in
+  both and its full float32 second moment in ``v``. None is no leaf at all: no
+  bytes, no placeholder arrays. ``v_row`` and ``v_col`` keep the parameter's
+  rank, with size 1 on the axis they average over (an n x m weight: (n, 1) and
+  (1, m)), so which axes are factored is read from the state's shapes and an
+  update never needs the hyperparameters that chose them.
   """
 
-  v_row: jax.Array  # R_t: the mean of G² + ε1 over the column axis.
-  v_col: jax.Array  # C_t: the mean of G² + ε1 over the row axis.
-
-
-class ScaleByFactoredRmsState(NamedTuple):
-  """State of :func:`scale_by_factored_rms`."""
-
   count: jax.Array  # int32, the number of updates so far.
-  nu: optax.Updates  # Per parameter: a FactoredMoment or a full float32 array.
+  v_row: optax.Updates
+  v_col: optax.Updates
+  v: optax.Updates
 
 
 def default_factor_dims(shape: Sequence[int], min_dim_size_to_factor: int = 128) -> FactorDims:
@@ -83,18 +83,15 @@ def _normalize_dims(dims, path: str, shape: tuple[int, ...]) -> FactorDims:
   return row % rank, col % rank
 
 
-def _factor_dims_fn(
-  factored: bool,
-  min_dim_size_to_factor: int,
-  factor_dims: FactorDimsFn | FactorRules | None,
-) -> FactorDimsFn:
-  """One function (path, shape) -> dims from the user's rules or the default."""
-  if not factored:
-    return lambda path, shape: None
-  if factor_dims is None:
-    return lambda path, shape: default_factor_dims(shape, min_dim_size_to_factor)
-  if callable(factor_dims):
+def _rules_fn(factor_dims: FactorDimsFn | FactorRules | None) -> FactorDimsFn | None:
+  """The user's choice as one function (path, shape) -> dims or _DEFAULT."""
+  if factor_dims is None or callable(factor_dims):
     return factor_dims
+  if isinstance(factor_dims, (str, bytes)) or not isinstance(factor_dims, Sequence):
+    raise ValueError(
+      "factor_dims must be a callable (path, shape) -> dims, a sequence of "
+      f"(regex, dims) rules, or None; got {factor_dims!r}."
+    )
   rules = []
   for rule in factor_dims:
     try:
@@ -106,63 +103,69 @@ def _factor_dims_fn(
         f"pairs; {rule!r} is not: {error}"
       ) from None
 
-  def by_rules(path: str, shape: tuple[int, ...]) -> FactorDims:
+  def by_rules(path: str, shape: tuple[int, ...]):
     for pattern, dims in rules:
       if pattern.search(path):
         return dims
-    return default_factor_dims(shape, min_dim_size_to_factor)
+    return _DEFAULT
 
   return by_rules
 
 
-def _factored_axes(moment: FactoredMoment) -> tuple[tuple[int, ...], tuple[int, ...]]:
+_DEFAULT = object()  # A rule's answer for "no rule matched: use the default".
+
+
+class _Choice:
+  """One parameter's factored axes (or None), opaque to pytree functions."""
+
+  __slots__ = ("dims",)
+
+  def __init__(self, dims: FactorDims):
+    self.dims = dims
+
+
+def _factored_axes(v_row: jax.Array, v_col: jax.Array):
   """(row axes, column axes) read from the statistics' shapes.
 
   A factored axis of size 1 reads as neither; that is harmless, since
   averaging over a size-1 axis changes nothing.
   """
-  shape = np.broadcast_shapes(moment.v_row.shape, moment.v_col.shape)
-  rows = tuple(i for i, n in enumerate(moment.v_col.shape) if n == 1 != shape[i])
-  cols = tuple(i for i, n in enumerate(moment.v_row.shape) if n == 1 != shape[i])
+  shape = np.broadcast_shapes(v_row.shape, v_col.shape)
+  rows = tuple(i for i, n in enumerate(v_col.shape) if n == 1 != shape[i])
+  cols = tuple(i for i, n in enumerate(v_row.shape) if n == 1 != shape[i])
   return rows, cols
 
 
-def _parameter_shape(moment) -> jax.ShapeDtypeStruct:
-  if isinstance(moment, FactoredMoment):
-    shape = np.broadcast_shapes(moment.v_row.shape, moment.v_col.shape)
-  else:
-    shape = moment.shape
-  return jax.ShapeDtypeStruct(shape, jnp.float32)
+def _cast(x: jax.Array, dtype) -> jax.Array:
+  """x in dtype, saturating at its largest finite value rather than overflowing.
+
+  G/sqrt(V̂) can exceed float16's range before clipping brings it back; as inf it
+  would make clipping compute inf/inf.
+  """
+  if jnp.dtype(dtype) == x.dtype:
+    return x
+  largest = float(jnp.finfo(dtype).max)
+  return jnp.clip(x, -largest, largest).astype(dtype)
 
 
-def _is_moment(x) -> bool:
-  return isinstance(x, FactoredMoment)
+def factored_update(grad, v_row, v_col, v, beta2, epsilon1):
+  """One parameter's step: (G / sqrt(V̂) in float32, v_row, v_col, v).
 
-
-def factored_update(
-  grad: jax.Array,
-  moment: FactoredMoment | jax.Array,
-  beta2: jax.Array,
-  epsilon1: jax.typing.ArrayLike,
-) -> tuple[jax.Array, FactoredMoment | jax.Array]:
-  """One parameter's step: (G / sqrt(V̂), new statistics), in float32.
-
-  The statistics are updated with :math:`\\hat\\beta_2` = ``beta2``, and the
-  update is returned in float32; the caller casts it.
+  Factored when ``v`` is None, with ``v_row`` and ``v_col`` as in
+  :class:`ScaleByFactoredRmsState`; otherwise ``v`` is the full second moment.
   """
   grad = grad.astype(jnp.float32)
   grad_sq = jnp.square(grad) + epsilon1
-  if isinstance(moment, FactoredMoment):
-    rows, cols = _factored_axes(moment)
-    v_row = beta2 * moment.v_row + (1 - beta2) * jnp.mean(grad_sq, cols, keepdims=True)
-    v_col = beta2 * moment.v_col + (1 - beta2) * jnp.mean(grad_sq, rows, keepdims=True)
+  if v is None:
+    rows, cols = _factored_axes(v_row, v_col)
+    v_row = beta2 * v_row + (1 - beta2) * jnp.mean(grad_sq, cols, keepdims=True)
+    v_col = beta2 * v_col + (1 - beta2) * jnp.mean(grad_sq, rows, keepdims=True)
     # V̂ = R C / mean(R), taken as two rsqrt factors so that R * C cannot underflow.
     row_ratio = v_row / jnp.mean(v_row, rows, keepdims=True)
     row_factor = jax.lax.rsqrt(jnp.maximum(row_ratio, _TINY))
-    update = grad * row_factor * jax.lax.rsqrt(v_col)
-    return update, FactoredMoment(v_row, v_col)
-  v = beta2 * moment + (1 - beta2) * grad_sq
-  return grad * jax.lax.rsqrt(v), v
+    return grad * row_factor * jax.lax.rsqrt(v_col), v_row, v_col, None
+  v = beta2 * v + (1 - beta2) * grad_sq
+  return grad * jax.lax.rsqrt(v), None, None, v
 
 
 def scale_by_factored_rms(
@@ -195,7 +198,9 @@ def scale_by_factored_rms(
   :math:`n + m` numbers.
 
   The choice of factored axes is made once, by ``init``, and recorded in the
-  state's shapes (see :class:`FactoredMoment`); ``update`` reads it from there.
+  state's shapes (see :class:`ScaleByFactoredRmsState`); ``update`` reads it
+  from there. The update has the gradient's dtype (saturating at its largest
+  finite value).
 
   Args:
     decay_rate: the exponent :math:`c > 0` of :math:`1 - t^{-c}` (paper: 0.8).
@@ -224,12 +229,7 @@ def scale_by_factored_rms(
   _checks.check_scalar("epsilon1", epsilon1, low=0.0, low_open=True)
   _checks.check_bool("factored", factored)
   _checks.check_scalar("min_dim_size_to_factor", min_dim_size_to_factor, low=1, integer=True)
-  if factor_dims is not None and not callable(factor_dims):
-    if isinstance(factor_dims, (str, bytes)) or not isinstance(factor_dims, Sequence):
-      raise ValueError(
-        "factor_dims must be a callable (path, shape) -> dims, a sequence of "
-        f"(regex, dims) rules, or None; got {factor_dims!r}."
-      )
+  user_choice = _rules_fn(factor_dims)
   beta2_schedule = schedules.decay_rate_pow(decay_rate, decay_offset, beta2_cap)
 
   def init_fn(params):
@@ -240,38 +240,68 @@ def scale_by_factored_rms(
         "axes. Call init outside jax.jit, or with optax.inject_hyperparams "
         "pass static_args=('min_dim_size_to_factor',)."
       )
-    choose = _factor_dims_fn(factored, int(min_dim), factor_dims)
 
-    def init_one(path, param):
+    def choose(path, param) -> FactorDims:
       shape = tuple(np.shape(param))
+      if not factored:
+        return None
       name = _checks.path_name(path)
-      dims = _normalize_dims(choose(name, shape), name, shape)
-      if dims is None:
-        return jnp.zeros(shape, jnp.float32)
-      row, col = dims
-      row_shape = tuple(1 if i == col else n for i, n in enumerate(shape))
-      col_shape = tuple(1 if i == row else n for i, n in enumerate(shape))
-      return FactoredMoment(jnp.zeros(row_shape, jnp.float32), jnp.zeros(col_shape, jnp.float32))
+      dims = _DEFAULT if user_choice is None else user_choice(name, shape)
+      if dims is _DEFAULT:
+        return default_factor_dims(shape, int(min_dim))
+      return _normalize_dims(dims, name, shape)
 
-    nu = jax.tree_util.tree_map_with_path(init_one, params)
-    return ScaleByFactoredRmsState(count=jnp.zeros([], jnp.int32), nu=nu)
+    # Each choice is wrapped in an object that pytrees treat as a leaf, so the
+    # choices line up with the params whatever containers (tuples, MaskedNode)
+    # the tree holds.
+    choices = jax.tree_util.tree_map_with_path(lambda p, x: _Choice(choose(p, x)), params)
+
+    def statistic(make):
+      return jax.tree.map(lambda c, p: make(c.dims, np.shape(p)), choices, params)
+
+    def keepdims_zeros(reduced: int):
+      def make(dims, shape):
+        if dims is None:
+          return None
+        shape = tuple(1 if i == dims[reduced] else n for i, n in enumerate(shape))
+        return jnp.zeros(shape, jnp.float32)
+
+      return make
+
+    return ScaleByFactoredRmsState(
+      count=jnp.zeros([], jnp.int32),
+      v_row=statistic(keepdims_zeros(1)),
+      v_col=statistic(keepdims_zeros(0)),
+      v=statistic(lambda dims, shape: jnp.zeros(shape, jnp.float32) if dims is None else None),
+    )
 
   def update_fn(updates, state, params=None):
     del params
-    _checks.check_tree_matches(
-      updates, jax.tree.map(_parameter_shape, state.nu, is_leaf=_is_moment)
+    parameter_shapes = jax.tree.map(
+      lambda r, c, v: jax.ShapeDtypeStruct(
+        np.shape(v) if v is not None else np.broadcast_shapes(r.shape, c.shape), jnp.float32
+      ),
+      state.v_row,
+      state.v_col,
+      state.v,
+      is_leaf=lambda x: x is None,
+    )
+    _checks.check_tree_matches(updates, parameter_shapes)
+    treedef = jax.tree.structure(updates)
+    v_rows, v_cols, vs = (
+      treedef.flatten_up_to(tree) for tree in (state.v_row, state.v_col, state.v)
     )
     beta2 = beta2_schedule(state.count)
-    treedef = jax.tree.structure(updates)
-    new_updates, new_nu = [], []
-    for grad, moment in zip(
-      treedef.flatten_up_to(updates), treedef.flatten_up_to(state.nu), strict=True
-    ):
-      update, moment = factored_update(grad, moment, beta2, epsilon1)
-      new_updates.append(update.astype(grad.dtype))
-      new_nu.append(moment)
+    outputs = [
+      factored_update(g, r, c, v, beta2, epsilon1)
+      for g, r, c, v in zip(treedef.flatten_up_to(updates), v_rows, v_cols, vs, strict=True)
+    ]
+    new_updates = [
+      _cast(out[0], g.dtype) for out, g in zip(outputs, treedef.flatten_up_to(updates), strict=True)
+    ]
+    v_row, v_col, v = (treedef.unflatten([out[i] for out in outputs]) for i in (1, 2, 3))
     return treedef.unflatten(new_updates), ScaleByFactoredRmsState(
-      optax.safe_increment(state.count), treedef.unflatten(new_nu)
+      optax.safe_increment(state.count), v_row, v_col, v
     )
 
   return optax.GradientTransformation(init_fn, update_fn)

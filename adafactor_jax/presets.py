@@ -13,7 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from adafactor_jax import schedules
+from adafactor_jax import _checks, schedules
 from adafactor_jax.alias import adafactor, adafactor_chain
 from adafactor_jax.clipping import clip_by_update_rms
 from adafactor_jax.factored import scale_by_factored_rms
@@ -25,6 +25,13 @@ def _last_two_axes(path: str, shape: tuple[int, ...]):
   """Factor the last two axes of every parameter of rank >= 2 (torch, HF)."""
   del path
   return (len(shape) - 2, len(shape) - 1) if len(shape) >= 2 else None
+
+
+def _check_eps(eps, allow_none_first: bool) -> None:
+  if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+    raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}.")
+  _checks.check_scalar("eps[0]", eps[0], low=0.0, low_open=True, allow_none=allow_none_first)
+  _checks.check_scalar("eps[1]", eps[1], low=0.0)
 
 
 def paper(**overrides: Any) -> optax.GradientTransformationExtraArgs:
@@ -143,6 +150,12 @@ def hf_transformers(
       ``relative_step=True``, ``warmup_init`` without it) and for a positive
       ``decay_rate``, which HF would turn into a growing second moment.
   """
+  _checks.check_scalar("lr", lr, low=0.0, low_open=True, allow_none=True)
+  _checks.check_scalar("clip_threshold", clip_threshold, low=0.0, low_open=True)
+  _checks.check_scalar("weight_decay", weight_decay, low=0.0)
+  _checks.check_scalar("beta1", beta1, low=0.0, high=1.0, high_open=True, allow_none=True)
+  _check_eps(eps, allow_none_first=False)
+  _checks.check_scalar("decay_rate", decay_rate)
   if decay_rate >= 0:
     raise ValueError(
       f"decay_rate is HF's negative exponent (-0.8), got {decay_rate!r}. "
@@ -198,6 +211,11 @@ def torch_adafactor(
   ``eps[0]`` (default float32 machine epsilon) squared is added. The two agree
   whenever gradients are not tiny.
   """
+  _checks.check_scalar("lr", lr, low=0.0, low_open=True)
+  _checks.check_scalar("d", d, low=0.0, low_open=True)
+  _checks.check_scalar("weight_decay", weight_decay, low=0.0)
+  _check_eps(eps, allow_none_first=True)
+  _checks.check_scalar("beta2_decay", beta2_decay)
   if beta2_decay >= 0:
     raise ValueError(
       f"beta2_decay is torch's negative exponent (-0.8), got {beta2_decay!r}. "

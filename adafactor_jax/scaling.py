@@ -35,7 +35,9 @@ def scale_by_parameter_scale(epsilon2: float = 1e-3) -> optax.GradientTransforma
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(
+        "scale_by_parameter_scale needs the parameters: call update(updates, state, params)."
+      )
     _checks.check_tree_matches(updates, params)
 
     def scale(update, param):
