@@ -194,13 +194,11 @@ def scale_by_factored_rms(
   (1-\hat\beta_{2t})(G_t^2+\epsilon_1)`. The decay
   :math:`\hat\beta_{2t}` is :func:`adafactor_jax.schedules.decay_rate_pow`.
   Statistics are float32 whatever the parameter dtype; the update has the
-  gradient's dtype. The state of an :math:`n\times m` matrix holds
-  :math:`n + m` numbers.
+  gradient's dtype (saturating at its largest finite value). The state of an
+  :math:`n\times m` matrix holds :math:`n + m` numbers.
 
   The choice of factored axes is made once, by ``init``, and recorded in the
-  state's shapes (see :class:`ScaleByFactoredRmsState`); ``update`` reads it
-  from there. The update has the gradient's dtype (saturating at its largest
-  finite value).
+  state (see :class:`ScaleByFactoredRmsState`); ``update`` reads it from there.
 
   Args:
     decay_rate: the exponent :math:`c > 0` of :math:`1 - t^{-c}` (paper: 0.8).
@@ -277,28 +275,29 @@ def scale_by_factored_rms(
 
   def update_fn(updates, state, params=None):
     del params
+
+    def parameter_shape(v_row, v_col, v):
+      if v is not None:
+        return jax.ShapeDtypeStruct(v.shape, v.dtype)
+      if v_row is not None:
+        return jax.ShapeDtypeStruct(np.broadcast_shapes(v_row.shape, v_col.shape), v_row.dtype)
+      return None  # A None parameter.
+
     parameter_shapes = jax.tree.map(
-      lambda r, c, v: jax.ShapeDtypeStruct(
-        np.shape(v) if v is not None else np.broadcast_shapes(r.shape, c.shape), jnp.float32
-      ),
-      state.v_row,
-      state.v_col,
-      state.v,
-      is_leaf=lambda x: x is None,
+      parameter_shape, state.v_row, state.v_col, state.v, is_leaf=lambda x: x is None
     )
     _checks.check_tree_matches(updates, parameter_shapes)
     treedef = jax.tree.structure(updates)
+    grads = treedef.flatten_up_to(updates)
     v_rows, v_cols, vs = (
       treedef.flatten_up_to(tree) for tree in (state.v_row, state.v_col, state.v)
     )
     beta2 = beta2_schedule(state.count)
     outputs = [
       factored_update(g, r, c, v, beta2, epsilon1)
-      for g, r, c, v in zip(treedef.flatten_up_to(updates), v_rows, v_cols, vs, strict=True)
+      for g, r, c, v in zip(grads, v_rows, v_cols, vs, strict=True)
     ]
-    new_updates = [
-      _cast(out[0], g.dtype) for out, g in zip(outputs, treedef.flatten_up_to(updates), strict=True)
-    ]
+    new_updates = [_cast(out[0], g.dtype) for out, g in zip(outputs, grads, strict=True)]
     v_row, v_col, v = (treedef.unflatten([out[i] for out in outputs]) for i in (1, 2, 3))
     return treedef.unflatten(new_updates), ScaleByFactoredRmsState(
       optax.safe_increment(state.count), v_row, v_col, v

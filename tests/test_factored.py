@@ -161,3 +161,17 @@ def test_update_reads_the_factoring_from_the_state():
   other = scale_by_factored_rms(min_dim_size_to_factor=1000)
   _, new_state = other.update(grads, state)
   assert new_state.v["w"] is None and new_state.v_row["w"].shape == (256, 1)
+
+
+def test_none_and_tuple_containers_in_the_parameter_tree():
+  """None leaves (frozen parameters) and tuple containers pass through."""
+  params = {"frozen": None, "pair": (jnp.zeros((256, 192)), jnp.zeros(3))}
+  tx = adafactor_jax.adafactor()
+  state = tx.init(params)
+  grads = {"frozen": None, "pair": (jnp.ones((256, 192)), jnp.ones(3))}
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  assert updates["frozen"] is None
+  assert updates["pair"][0].shape == (256, 192) and updates["pair"][1].shape == (3,)
+  assert state[0].v["pair"][0] is None and state[0].v_row["pair"][0].shape == (256, 1)
+  # ε2 = 1e-3 times ρ_1 = 1e-2 times a unit update, with the sign of descent.
+  np.testing.assert_allclose(updates["pair"][1], -1e-5, rtol=1e-5)
