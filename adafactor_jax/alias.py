@@ -161,10 +161,11 @@ def adafactor(
      :math:`X_t = X_{t-1} - \alpha_t \hat U_t`.
 
   With ``learning_rate`` a float, the numerics equal ``optax.adafactor`` with
-  the same arguments. Unlike ``optax.adafactor``, ``learning_rate=None`` means
-  the paper's relative step (optax then takes no step size at all), statistics
-  stay float32 for bf16 parameters, ``decay_offset > 0`` is finite, and the
-  state holds no placeholders for unfactored or factored leaves.
+  the same arguments, for float32 parameters and momentum. Unlike
+  ``optax.adafactor``, ``learning_rate=None`` means the paper's relative step
+  (optax then takes no step size at all), statistics stay float32 for bf16
+  parameters, momentum arithmetic is float32 whatever ``momentum_dtype``,
+  ``decay_offset > 0`` is finite, and the state holds no placeholder arrays.
 
   Args:
     learning_rate: None for the relative step size :math:`\rho_t`, or an
