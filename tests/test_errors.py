@@ -95,16 +95,22 @@ def test_clipping_threshold_not_positive(value):
     adafactor_jax.adafactor(clipping_threshold=value)
 
 
-@pytest.mark.parametrize("value", [0, -3])
-def test_min_dim_size_to_factor_below_one(value):
-  with _raises("min_dim_size_to_factor", "must be in [1, inf"):
-    adafactor_jax.adafactor(min_dim_size_to_factor=value)
-
-
-@pytest.mark.parametrize("value", [1.5, 127.9])
-def test_min_dim_size_to_factor_not_integer(value):
-  with _raises("min_dim_size_to_factor", "must be an integer"):
-    adafactor_jax.adafactor(min_dim_size_to_factor=value)
+@pytest.mark.parametrize(
+  "argument, value, message",
+  [
+    ("min_dim_size_to_factor", 0, "must be in [1, inf"),
+    ("min_dim_size_to_factor", -3, "must be in [1, inf"),
+    ("min_dim_size_to_factor", 1.5, "must be an integer"),
+    ("min_dim_size_to_factor", 127.9, "must be an integer"),
+    ("decay_offset", -1, "must be in [0, inf"),
+    ("decay_offset", -100, "must be in [0, inf"),
+    ("decay_offset", 1.5, "must be an integer"),
+    ("decay_offset", 0.5, "must be an integer"),
+  ],
+)
+def test_integer_arguments(argument, value, message):
+  with _raises(argument, message):
+    adafactor_jax.adafactor(**{argument: value})
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
@@ -145,18 +151,6 @@ def test_epsilon1_zero():
 def test_beta2_cap_out_of_range(value):
   with _raises("beta2_cap", "must be in (0, 1]"):
     adafactor_jax.adafactor(beta2_cap=value)
-
-
-@pytest.mark.parametrize("value", [-1, -100])
-def test_negative_decay_offset(value):
-  with _raises("decay_offset", "must be in [0, inf"):
-    adafactor_jax.adafactor(decay_offset=value)
-
-
-@pytest.mark.parametrize("value", [1.5, 0.5])
-def test_decay_offset_not_integer(value):
-  with _raises("decay_offset", "must be an integer"):
-    adafactor_jax.adafactor(decay_offset=value)
 
 
 @pytest.mark.parametrize("lr", [1e-3, 1.0, optax.constant_schedule(1e-3)])
