@@ -4,20 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import optax
 
 from adafactor_jax import _checks
 from adafactor_jax.clipping import clip_by_update_rms
 from adafactor_jax.factored import FactorDimsFn, FactorRules, scale_by_factored_rms
-from adafactor_jax.momentum import ema_momentum, momentum_dtype_or_error
+from adafactor_jax.momentum import FLOAT32, ema_momentum, momentum_dtype_or_error
 from adafactor_jax.nonfinite import skip_nonfinite as skip_nonfinite_steps
 from adafactor_jax.scaling import scale_by_parameter_scale
 from adafactor_jax.schedules import relative_step_size
-
-# A dtype instance, not the jnp.float32 class: optax.inject_hyperparams takes
-# every callable argument for a schedule, and the class is callable.
-_FLOAT32 = np.dtype("float32")
 
 
 def adafactor_chain(
@@ -40,8 +35,13 @@ def adafactor_chain(
   skip_nonfinite: bool,
   factor_dims: FactorDimsFn | FactorRules | None = None,
   relative_max_step_size: float = 1e-2,
+  weight_decay_scaled_by_step: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """:func:`adafactor`, with the extra knobs the presets need."""
+  """:func:`adafactor`, with the extra knobs the presets need.
+
+  ``weight_decay_scaled_by_step`` adds the weight decay right after clipping,
+  so that the step size and parameter scale multiply it (HF transformers).
+  """
   _checks.check_scalar(
     "learning_rate",
     learning_rate,
@@ -67,14 +67,7 @@ def adafactor_chain(
     hint="Pass None to turn clipping off.",
   )
   _checks.check_bool("multiply_by_parameter_scale", multiply_by_parameter_scale)
-  _checks.check_scalar(
-    "momentum",
-    momentum,
-    low=0.0,
-    high=1.0,
-    high_open=True,
-    allow_none=True,
-  )
+  # Checked even without momentum; momentum itself is checked by ema_momentum.
   momentum_dtype = momentum_dtype_or_error(momentum_dtype)
   _checks.check_scalar(
     "weight_decay",
@@ -103,6 +96,11 @@ def adafactor_chain(
   ]
   if clipping_threshold is not None:
     chain.append(clip_by_update_rms(clipping_threshold))
+  weight_decay_step = (
+    None if weight_decay is None else optax.add_decayed_weights(weight_decay, weight_decay_mask)
+  )
+  if weight_decay_step is not None and weight_decay_scaled_by_step:
+    chain.append(weight_decay_step)
   if learning_rate is None:
     learning_rate = relative_step_size(warmup_init, relative_max_step_size)
   chain.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
@@ -110,8 +108,8 @@ def adafactor_chain(
     chain.append(scale_by_parameter_scale(epsilon2))
   if momentum is not None:
     chain.append(ema_momentum(momentum, momentum_dtype))
-  if weight_decay is not None:
-    chain.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+  if weight_decay_step is not None and not weight_decay_scaled_by_step:
+    chain.append(weight_decay_step)
   chain.append(optax.scale(-1.0))
   tx = optax.chain(*chain)
   return skip_nonfinite_steps(tx) if skip_nonfinite else tx
@@ -128,7 +126,7 @@ def adafactor(
   epsilon2: float = 1e-3,
   warmup_init: bool = False,
   momentum: float | None = None,
-  momentum_dtype: Any = _FLOAT32,
+  momentum_dtype: Any = FLOAT32,
   weight_decay: optax.ScalarOrSchedule | None = None,
   weight_decay_mask: Any = None,
   factored: bool = True,

@@ -6,9 +6,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adafactor_jax import _checks
+
+# A dtype instance, not the jnp.float32 class: optax.inject_hyperparams takes
+# every callable argument for a schedule, and the class is callable.
+FLOAT32 = np.dtype("float32")
 
 
 class EmaMomentumState(NamedTuple):
@@ -33,7 +38,7 @@ def momentum_dtype_or_error(momentum_dtype: Any) -> jnp.dtype:
 
 
 def ema_momentum(
-  momentum: float = 0.9, momentum_dtype: Any = jnp.float32
+  momentum: float = 0.9, momentum_dtype: Any = FLOAT32
 ) -> optax.GradientTransformation:
   r"""An exponential moving average of the updates, without bias correction.
 

@@ -15,10 +15,8 @@ import optax
 
 from adafactor_jax import _checks, schedules
 from adafactor_jax.alias import adafactor, adafactor_chain
-from adafactor_jax.clipping import clip_by_update_rms
 from adafactor_jax.factored import scale_by_factored_rms
 from adafactor_jax.momentum import ema_momentum
-from adafactor_jax.scaling import scale_by_parameter_scale
 
 
 def _last_two_axes(path: str, shape: tuple[int, ...]):
@@ -132,7 +130,7 @@ def hf_transformers(
   scale_parameter: bool = True,
   relative_step: bool = True,
   warmup_init: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """``transformers.Adafactor`` with its own argument names and meanings.
 
   Translation: ``decay_rate=-0.8`` is this library's 0.8; ``eps`` is
@@ -168,26 +166,26 @@ def hf_transformers(
   if warmup_init and not relative_step:
     raise ValueError("warmup_init=True requires relative_step=True (as in HF).")
   epsilon1, epsilon2 = eps
-  chain = [
-    scale_by_factored_rms(
-      decay_rate=-decay_rate,
-      epsilon1=epsilon1,
-      factor_dims=_last_two_axes,
-      min_dim_size_to_factor=1,
-    ),
-    clip_by_update_rms(clip_threshold),
-  ]
-  if weight_decay:
-    # Added before the step size, so that it is multiplied by it, as HF does.
-    chain.append(optax.add_decayed_weights(weight_decay))
-  step_size = schedules.relative_step_size(warmup_init) if relative_step else lr
-  chain.append(optax.scale_by_learning_rate(step_size, flip_sign=False))
-  if scale_parameter:
-    chain.append(scale_by_parameter_scale(epsilon2))
-  if beta1 is not None:
-    chain.append(ema_momentum(beta1))
-  chain.append(optax.scale(-1.0))
-  return optax.chain(*chain)
+  return adafactor_chain(
+    learning_rate=None if relative_step else lr,
+    decay_rate=-decay_rate,
+    decay_offset=0,
+    beta2_cap=None,
+    clipping_threshold=clip_threshold,
+    multiply_by_parameter_scale=scale_parameter,
+    epsilon1=epsilon1,
+    epsilon2=epsilon2,
+    warmup_init=warmup_init,
+    momentum=beta1,
+    momentum_dtype=jnp.float32,
+    weight_decay=weight_decay or None,
+    weight_decay_mask=None,
+    factored=True,
+    min_dim_size_to_factor=1,
+    skip_nonfinite=False,
+    factor_dims=_last_two_axes,
+    weight_decay_scaled_by_step=True,
+  )
 
 
 def torch_adafactor(
