@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 
 def make_params(seed: int = 0) -> dict[str, np.ndarray]:
@@ -77,8 +76,3 @@ def relative_error(actual: dict, expected: dict, start: dict) -> dict[str, float
     diff = np.linalg.norm(np.asarray(actual[k], np.float64) - np.asarray(expected[k], np.float64))
     out[k] = diff / moved
   return out
-
-
-@pytest.fixture
-def params():
-  return make_params()

@@ -119,7 +119,6 @@ class Reference:
         u = g / np.sqrt(leaf.v)
       else:
         g_moved = np.moveaxis(g, leaf.axes, (-2, -1))
-        n, m = g_moved.shape[-2:]
         sq = g_moved * g_moved + o.epsilon1
         # The paper's sums: R = (G²+ε1) 1_m, C = 1_nᵀ (G²+ε1); the library keeps
         # means, and R Cᵀ / (1ᵀR) is the same either way.
@@ -127,7 +126,6 @@ class Reference:
         leaf.col = beta2 * leaf.col + (1 - beta2) * sq.sum(-2)
         v_hat = leaf.row[..., :, None] * leaf.col[..., None, :] / leaf.row.sum(-1)[..., None, None]
         u = np.moveaxis(g_moved / np.sqrt(v_hat), (-2, -1), leaf.axes)
-        del n, m
       if o.clipping_threshold is not None:
         u = u / max(1.0, np.sqrt(np.mean(u * u)) / o.clipping_threshold)
       alpha = self._step_size(t)
