@@ -1,0 +1,61 @@
+"""The default job: a small byte-level Transformer LM on the Python stdlib, Adafactor defaults.
+
+About 5 minutes on 2 CPU cores. Every field any config may set is defined here:
+other configs start from this one, and a key that is not here is an error.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.num_steps = 1000
+  config.log_every = 50
+  config.eval_every = 200
+  config.eval_batches = 16
+  config.checkpoint_every = 250
+  config.keep_checkpoints = 2
+
+  config.data = ml_collections.ConfigDict()
+  config.data.corpus = ""  # a directory of text files or one file; "" is the Python stdlib
+  config.data.suffixes = (".py",)
+  config.data.max_bytes = 16_000_000
+  config.data.eval_fraction = 0.05
+  config.data.seq_len = 128
+  config.data.batch_size = 16
+
+  config.model = ml_collections.ConfigDict()
+  config.model.d_model = 128
+  config.model.num_layers = 4
+  config.model.num_heads = 4
+  config.model.mlp_dim = 512
+  config.model.embed_init_scale = 1.0
+  config.model.param_dtype = "float32"
+
+  # `name` picks the optimizer: "adafactor" (adafactor_jax.adafactor with the
+  # fields below), "big_vision" or "t5x" (adafactor_jax.presets), or "adamw".
+  opt = config.optimizer = ml_collections.ConfigDict()
+  opt.name = "adafactor"
+  opt.learning_rate = config_dict.placeholder(float)  # None: the paper's relative step
+  opt.schedule = "constant"  # with a learning rate: "constant", "cosine" or "rsqrt"
+  opt.warmup_steps = 0  # linear warmup of the learning rate schedule
+  opt.decay_rate = 0.8
+  opt.decay_offset = 0
+  opt.beta2_cap = config_dict.placeholder(float)
+  opt.clipping_threshold = 1.0
+  opt.multiply_by_parameter_scale = True
+  opt.epsilon1 = 1e-30
+  opt.epsilon2 = 1e-3
+  opt.warmup_init = False
+  opt.momentum = config_dict.placeholder(float)
+  opt.momentum_dtype = "float32"
+  opt.weight_decay = config_dict.placeholder(float)
+  opt.factored = True
+  opt.min_dim_size_to_factor = 128
+  opt.skip_nonfinite = False
+  opt.b1 = 0.9  # adamw only
+  opt.b2 = 0.999  # adamw only
+  opt.eps = 1e-8  # adamw only
+  return config
