@@ -100,12 +100,12 @@ def resolve_config(config: Any) -> ml_collections.ConfigDict:
         raise ConfigError(
           f"config key {key!r} must be {expected.__name__}, got {type(value).__name__} {value!r}."
         )
-    _set(resolved, key, value)
+    set_config_value(resolved, key, value)
   _check_values(resolved)
   return resolved
 
 
-def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+def set_config_value(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   """Sets a dotted key, None included (ml_collections types a field by its first value)."""
   *parents, leaf = key.split(".")
   for part in parents:
@@ -424,6 +424,7 @@ def train_and_evaluate(
   bar = tqdm(
     total=config.num_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True
   )
+  log = bar.write if progress else lambda _: None
   window_start = time.perf_counter()
   for step in range(start, config.num_steps):
     params, opt_state, loss = train_step(params, opt_state, step, train_text, data_key)
@@ -437,11 +438,11 @@ def train_and_evaluate(
       bar.set_postfix(loss=f"{train_loss:.3f}")
       window, window_start = [], time.perf_counter()
       if not math.isfinite(train_loss) and not config.optimizer.skip_nonfinite:
-        bar.write(f"step {done}: train loss is {train_loss}; the run has diverged.")
+        log(f"step {done}: train loss is {train_loss}; the run has diverged.")
     if done % config.eval_every == 0 or done == config.num_steps:
       eval_loss = float(evaluate(params, eval_text, eval_key))
       records.append({"step": done, "eval_loss": eval_loss})
-      bar.write(f"step {done}: eval loss {eval_loss:.4f}")
+      log(f"step {done}: eval loss {eval_loss:.4f}")
       plot_losses(records, work.file("loss.png"), title)
     if done % config.checkpoint_every == 0 or done == config.num_steps:
       work.write_metrics(records)
@@ -522,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adafactor-train: error: {e}", file=sys.stderr)
     return 2
   for key in unset:
-    _set(flag_values.config, key, None)
+    set_config_value(flag_values.config, key, None)
   try:
     train_and_evaluate(flag_values.config, flag_values.workdir, flag_values.progress)
   except (ConfigError, input_pipeline.CorpusError) as e:

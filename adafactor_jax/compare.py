@@ -1,0 +1,161 @@
+"""Train several configs on the same data and compare them: a table, JSON and a PNG chart.
+
+Usage::
+
+  adafactor-compare [--suite default|paper] [--workdir runs/compare] [--num_steps N]
+  python -m adafactor_jax.compare ...      # the same
+
+Suites:
+
+* ``default``: Adafactor at the paper's defaults, AdamW at three learning rates
+  (the best is "tuned AdamW"), and the Big Vision variant, on the default job.
+* ``paper``: the ablation rows of ``configs/paper.py`` (shorter runs).
+
+Each run has its own workdir under ``--workdir``; rerunning the command resumes
+unfinished runs and reuses finished ones. The results go to
+``<workdir>/<suite>.json``, ``<suite>.md`` and ``<suite>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any
+
+from adafactor_jax import train
+from adafactor_jax.configs import adamw, big_vision, default, paper
+
+ADAMW_LEARNING_RATES = (1e-3, 3e-3, 1e-2)
+PAPER_STEPS = 400
+
+
+def suite_configs(suite: str) -> dict[str, Any]:
+  """Run name to config, for a suite."""
+  if suite == "default":
+    runs = {"adafactor": default.get_config()}
+    for lr in ADAMW_LEARNING_RATES:
+      config = adamw.get_config()
+      config.optimizer.learning_rate = lr
+      runs[f"adamw_lr{lr:g}"] = config
+    runs["big_vision"] = big_vision.get_config()
+    return runs
+  if suite == "paper":
+    runs = {row: paper.get_config(row) for row in paper.ROWS}
+    for config in runs.values():
+      config.num_steps = PAPER_STEPS
+      config.eval_every = 100
+      config.checkpoint_every = PAPER_STEPS
+    return runs
+  raise ValueError(f"--suite must be 'default' or 'paper', got {suite!r}.")
+
+
+def run_suite(
+  suite: str, workdir: str, num_steps: int | None = None, progress: bool = True
+) -> list[dict[str, Any]]:
+  """Trains every run of a suite (resuming where a workdir has one) and returns their results."""
+  results = []
+  for name, config in suite_configs(suite).items():
+    if num_steps is not None:  # short runs, for smoke tests: warmups shrink to fit
+      config.num_steps = config.checkpoint_every = num_steps
+      config.log_every = math.gcd(num_steps, config.log_every)
+      config.eval_every = min(config.eval_every, num_steps)
+      config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, num_steps // 5)
+    if progress:
+      print(f"\n=== {suite}/{name}", flush=True)
+    run_dir = os.path.join(workdir, suite, name)
+    summary = train.train_and_evaluate(config, run_dir, progress=progress)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+      curve = [json.loads(line) for line in f]
+    eval_curve = [(r["step"], r["eval_loss"]) for r in curve if "eval_loss" in r]
+    results.append({"name": name, **summary, "eval_curve": eval_curve})
+  return results
+
+
+def best_adamw(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+  adamws = [r for r in results if r["optimizer"] == "adamw" and _finite(r["final_eval_loss"])]
+  return min(adamws, key=lambda r: r["final_eval_loss"]) if adamws else None
+
+
+def _finite(x: float | None) -> bool:
+  return x is not None and math.isfinite(x)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+  """A markdown table; the gap is relative to the tuned (best) AdamW's eval loss."""
+  reference = best_adamw(results) or results[0]
+  rows = [
+    f"| run | final eval loss | vs {reference['name']} | final train loss | wall time (s) "
+    "| optimizer state (bytes) | state / AdamW's |",
+    "|---|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in results:
+    gap = (r["final_eval_loss"] / reference["final_eval_loss"] - 1) * 100
+    rows.append(
+      f"| {r['name']} | {r['final_eval_loss']:.4f} | {gap:+.2f}% | {r['final_train_loss']:.4f} "
+      f"| {r['wall_time_sec']:.0f} | {r['optimizer_state_bytes']:,} "
+      f"| {100 * r['optimizer_state_bytes'] / r['adamw_state_bytes']:.2f}% |"
+    )
+  return "\n".join(rows)
+
+
+def chart(results: list[dict[str, Any]], path: str, title: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (curves, state) = plt.subplots(1, 2, figsize=(12, 4.5), width_ratios=(3, 2))
+  for r in results:
+    if r["eval_curve"]:
+      curves.plot(*zip(*r["eval_curve"], strict=True), "o-", markersize=3, label=r["name"])
+  finite = [loss for r in results for _, loss in r["eval_curve"] if _finite(loss)]
+  if finite:
+    curves.set_ylim(min(finite) * 0.97, min(max(finite), 2.5 * min(finite)))
+  curves.set(xlabel="step", ylabel="eval loss (nats/byte)", title=title)
+  curves.grid(alpha=0.3)
+  curves.legend(fontsize=7)
+  names = [r["name"] for r in results]
+  state.barh(names, [r["optimizer_state_bytes"] for r in results])
+  state.set(xscale="log", xlabel="optimizer state (bytes, log scale)")
+  state.invert_yaxis()
+  state.tick_params(axis="y", labelsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="adafactor-compare", description=__doc__.split("\n")[0])
+  parser.add_argument("--suite", default="default", choices=("default", "paper"))
+  parser.add_argument("--workdir", default="runs/compare")
+  parser.add_argument("--num_steps", type=int, default=None, help="override every run's steps")
+  parser.add_argument("--no-progress", dest="progress", action="store_false")
+  args = parser.parse_args(argv)
+  if args.num_steps is not None and args.num_steps <= 0:
+    parser.error(f"--num_steps must be > 0, got {args.num_steps}.")
+  try:
+    results = run_suite(args.suite, args.workdir, args.num_steps, args.progress)
+  except (train.ConfigError, train.input_pipeline.CorpusError) as e:
+    print(f"adafactor-compare: error: {e}", file=sys.stderr)
+    return 2
+  base = os.path.join(args.workdir, args.suite)
+  with open(base + ".json", "w") as f:
+    json.dump(results, f, indent=2)
+  text = table(results)
+  with open(base + ".md", "w") as f:
+    f.write(text + "\n")
+  chart(results, base + ".png", f"suite {args.suite!r}: {results[0]['steps']} steps")
+  print("\n" + text)
+  print(f"\nwrote {base}.json, {base}.md and {base}.png")
+  return 0
+
+
+def cli() -> None:
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,0 +1,15 @@
+"""AdamW baseline on the default job: linear warmup then cosine decay.
+
+The comparison suite sweeps its learning rate (adafactor-compare --suite default).
+"""
+
+from adafactor_jax.configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.optimizer.name = "adamw"
+  config.optimizer.learning_rate = 3e-3
+  config.optimizer.schedule = "cosine"
+  config.optimizer.warmup_steps = 50
+  return config
