@@ -53,11 +53,25 @@ def suite_configs(suite: str) -> dict[str, Any]:
 
 
 def run_suite(
-  suite: str, workdir: str, num_steps: int | None = None, progress: bool = True
+  suite: str,
+  workdir: str,
+  num_steps: int | None = None,
+  progress: bool = True,
+  overrides: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-  """Trains every run of a suite (resuming where a workdir has one) and returns their results."""
+  """Trains every run of a suite (resuming where a workdir has one) and returns their results.
+
+  Args:
+    suite: "default" or "paper".
+    workdir: each run goes to ``<workdir>/<suite>/<run name>``.
+    num_steps: if given, every run's length (warmups shrink to fit).
+    progress: show progress bars and summaries.
+    overrides: dotted config keys set on every run, e.g. ``{"model.d_model": 32}``.
+  """
   results = []
   for name, config in suite_configs(suite).items():
+    for key, value in (overrides or {}).items():
+      train.set_config_value(config, key, value)
     if num_steps is not None:  # short runs, for smoke tests: warmups shrink to fit
       config.num_steps = config.checkpoint_every = num_steps
       config.log_every = math.gcd(num_steps, config.log_every)

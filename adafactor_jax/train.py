@@ -428,11 +428,14 @@ def train_and_evaluate(
   window_start = time.perf_counter()
   for step in range(start, config.num_steps):
     params, opt_state, loss = train_step(params, opt_state, step, train_text, data_key)
+    if window:  # wait for the previous step only: the bar's rate is real, one step stays queued
+      window[-1].block_until_ready()
+      bar.update(1)
     window.append(loss)
     done = step + 1
-    bar.update(1)
     if done % config.log_every == 0 or done == config.num_steps:
       train_loss = float(jnp.mean(jnp.stack(window)))
+      bar.update(1)
       rate = len(window) / (time.perf_counter() - window_start)
       records.append({"step": done, "train_loss": train_loss, "steps_per_sec": rate})
       bar.set_postfix(loss=f"{train_loss:.3f}")
@@ -517,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     "workdir", "runs/default", "Where metrics and checkpoints go.", flag_values=flag_values
   )
   flags.DEFINE_bool("progress", True, "Show the progress bar and summary.", flag_values=flag_values)
+  if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv[1:]):
+    print(__doc__ + "\nFlags:\n" + flag_values.get_help())
+    return 0
   try:
     flag_values(argv)
   except flags.Error as e:
