@@ -29,7 +29,7 @@ from adafactor_jax import train
 from adafactor_jax.configs import adamw, big_vision, default, paper
 
 ADAMW_LEARNING_RATES = (1e-3, 3e-3, 1e-2)
-PAPER_STEPS = 400
+PAPER_STEPS = 300
 
 
 def suite_configs(suite: str) -> dict[str, Any]:

@@ -39,6 +39,8 @@ from adafactor_jax.model import TransformerLM
 
 # Keys whose change makes an existing workdir's checkpoints a different run.
 RUN_DEFINING_KEYS = ("seed", "data", "model", "optimizer")
+# Keys that may be None although their default is not (those whose default is None may too).
+NULLABLE_KEYS = frozenset({"optimizer.clipping_threshold"})
 
 
 class ConfigError(ValueError):
@@ -85,12 +87,15 @@ def resolve_config(config: Any) -> ml_collections.ConfigDict:
     )
   resolved = default_config.get_config()
   types = _field_types(resolved)
+  nullable = _nullable_keys(resolved)
   for key, value in _flatten(config).items():
     if key not in types:
       close = difflib.get_close_matches(key, list(types), n=1)
       hint = f" Did you mean {close[0]!r}?" if close else ""
       raise ConfigError(f"unknown config key {key!r}.{hint}")
     expected = types[key]
+    if value is None and key not in nullable:
+      raise ConfigError(f"config key {key!r} cannot be None.")
     if value is not None and expected is not None:
       if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -103,6 +108,10 @@ def resolve_config(config: Any) -> ml_collections.ConfigDict:
     set_config_value(resolved, key, value)
   _check_values(resolved)
   return resolved
+
+
+def _nullable_keys(default: ml_collections.ConfigDict) -> frozenset[str]:
+  return NULLABLE_KEYS | {key for key, value in _flatten(default).items() if value is None}
 
 
 def set_config_value(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
@@ -311,6 +320,9 @@ class Workdir:
     except OSError as e:
       raise ConfigError(f"--workdir {self.path!r} is not writable: {e.strerror}.") from e
     saved = self.file("config.json")
+    # A cosine schedule's length is num_steps: extending such a run would change its past.
+    extra = ("num_steps",) if config.optimizer.schedule == "cosine" else ()
+    run_defining = RUN_DEFINING_KEYS + extra
     current = _flatten(ml_collections.ConfigDict(json.loads(config.to_json())))
     if os.path.exists(saved):
       with open(saved) as f:
@@ -318,7 +330,7 @@ class Workdir:
       changed = sorted(
         key
         for key in current.keys() | previous.keys()
-        if key.split(".")[0] in RUN_DEFINING_KEYS and current.get(key) != previous.get(key)
+        if key.split(".")[0] in run_defining and current.get(key) != previous.get(key)
       )
       if changed:
         raise ConfigError(
@@ -503,10 +515,9 @@ def main(argv: list[str] | None = None) -> int:
 
   argv = list(sys.argv if argv is None else argv)
   try:
-    argv, unset = _config_overrides(argv)
+    argv, unset, config_path = _config_overrides(argv)
   except ConfigError as e:
-    print(f"adafactor-train: error: {e}", file=sys.stderr)
-    return 2
+    return _fail(str(e))
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file(
     "config",
@@ -524,41 +535,72 @@ def main(argv: list[str] | None = None) -> int:
     print(__doc__ + "\nFlags:\n" + flag_values.get_help())
     return 0
   try:
-    flag_values(argv)
+    rest = flag_values(argv)
   except flags.Error as e:
-    print(f"adafactor-train: error: {e}", file=sys.stderr)
-    return 2
+    return _fail(str(e))
+  except (OSError, KeyError, AttributeError, TypeError) as e:  # raised by config_flags
+    return _fail(f"cannot apply the flags to --config {config_path!r}: {e!r}")
+  if len(rest) > 1:
+    return _fail(f"unexpected argument {rest[1]!r} (a config file is passed as --config PATH).")
   for key in unset:
     set_config_value(flag_values.config, key, None)
   try:
     train_and_evaluate(flag_values.config, flag_values.workdir, flag_values.progress)
   except (ConfigError, input_pipeline.CorpusError) as e:
-    print(f"adafactor-train: error: {e}", file=sys.stderr)
-    return 2
+    return _fail(str(e))
   return 0
 
 
-def _config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+def _fail(message: str) -> int:
+  print(f"adafactor-train: error: {message}", file=sys.stderr)
+  return 2
+
+
+def _config_overrides(argv: list[str]) -> tuple[list[str], list[str], str]:
   """Checks ``--config.<key>`` flags against the default config's keys.
 
   absl reports an unknown key as a bare AttributeError, and cannot parse
   ``None`` for a float field; this names the key and its nearest match, and
-  takes out the ``=None`` flags to apply after parsing.
+  takes out the ``=None`` flags to apply after parsing. Returns the remaining
+  arguments, the keys to set to None, and the config file's path.
   """
-  types = _field_types(default_config.get_config())
-  kept, unset = [], []
-  for arg in argv:
-    if arg.startswith("--config."):
-      key, _, value = arg[len("--config.") :].partition("=")
+  default = default_config.get_config()
+  types, nullable = _field_types(default), _nullable_keys(default)
+  kept, unset, config_path = [], [], default_config.__file__
+  args = iter(argv)
+  for arg in args:
+    if arg.startswith("--config="):
+      path = arg[len("--config=") :].split(":")[0]
+    elif arg == "--config":
+      kept.append(arg)
+      arg = next(args, "")
+      path = arg.split(":")[0]
+    elif arg.startswith("--config."):
+      key, equals, value = arg[len("--config.") :].partition("=")
       if key not in types:
         close = difflib.get_close_matches(key, list(types), n=1)
         hint = f" Did you mean --config.{close[0]}?" if close else ""
         raise ConfigError(f"unknown config key {key!r} in {arg!r}.{hint}")
+      if not equals:  # the space-separated form, --config.key value
+        value = next(args, "")
+        kept.append(arg)
+        arg = value
       if value == "None":
+        if key not in nullable:
+          raise ConfigError(f"config key {key!r} cannot be None.")
         unset.append(key)
+        if not equals:
+          kept.pop()
         continue
+      path = None
+    else:
+      path = None
+    if path is not None:
+      if not os.path.isfile(path):
+        raise ConfigError(f"--config {path!r}: no such file.")
+      config_path = path
     kept.append(arg)
-  return kept, unset
+  return kept, unset, config_path
 
 
 def cli() -> None:

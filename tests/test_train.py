@@ -1,0 +1,727 @@
+"""The training job: resume, outputs, refusals, the CLI, the input pipeline and the comparison.
+
+Training is slow to compile, so only two tiny runs are made, shared by module
+fixtures: run A goes to the end through the CLI (a paper row), run B is a copy
+of A with its last checkpoint deleted, resumed through the CLI (the default
+config with ``--config.optimizer.clipping_threshold=None``, the same run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from adafactor_jax import compare, input_pipeline, train
+from adafactor_jax.configs import adamw, default, paper
+
+PROG = "adafactor-train"
+PAPER_FILE = paper.__file__
+TINY = {
+  "model.d_model": 16,
+  "model.num_layers": 1,
+  "model.num_heads": 2,
+  "model.mlp_dim": 32,
+  "data.seq_len": 16,
+  "data.batch_size": 2,
+  "data.max_bytes": 300_000,
+  "eval_batches": 2,
+  "num_steps": 8,
+  "log_every": 2,
+  "eval_every": 4,
+  "checkpoint_every": 4,
+  "keep_checkpoints": 5,
+}
+
+
+def tiny_flags(**changes) -> list[str]:
+  """``--config.<key>=<value>`` flags for the tiny run; keyword keys use __ for dots."""
+  values = {**TINY, **{k.replace("__", "."): v for k, v in changes.items()}}
+  return [f"--config.{key}={value}" for key, value in values.items()]
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+  config = default.get_config()
+  for key, value in TINY.items():
+    train.set_config_value(config, key, value)
+  return config
+
+
+def run_main(*args: str) -> int:
+  return train.main([PROG, *args, "--progress=false"])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def restore(workdir: Path, step: int) -> dict:
+  with ocp.CheckpointManager(workdir / "checkpoints") as manager:
+    assert step in manager.all_steps()
+    return manager.restore(step, args=ocp.args.StandardRestore())
+
+
+def bits(x) -> np.ndarray:
+  """The raw bits of an array, so that -0.0 != +0.0 and NaN payloads count."""
+  x = np.asarray(x)
+  return x.view(np.dtype(f"u{x.dtype.itemsize}"))
+
+
+def assert_bit_identical(a, b) -> None:
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  assert leaves_a
+  for x, y in zip(leaves_a, leaves_b, strict=True):
+    assert np.asarray(x).dtype == np.asarray(y).dtype
+    assert np.array_equal(bits(x), bits(y))
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+  """sha256 of every file under root, by relative path."""
+  return {
+    str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(root.rglob("*"))
+    if p.is_file()
+  }
+
+
+def without_rate(records: list[dict]) -> list[dict]:
+  return [{k: v for k, v in r.items() if k != "steps_per_sec"} for r in records]
+
+
+# --------------------------------------------------------------------------- the two runs
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory) -> Path:
+  """The tiny run to the end, from ``--config configs/paper.py:no_clipping``."""
+  workdir = tmp_path_factory.mktemp("train") / "a"
+  rc = run_main(f"--config={PAPER_FILE}:no_clipping", *tiny_flags(), f"--workdir={workdir}")
+  assert rc == 0
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def run_b(run_a, tmp_path_factory) -> Path:
+  """A copy of run A interrupted after its step-4 checkpoint, then resumed.
+
+  Its metrics.jsonl still holds the records of steps 6 and 8, as the file of a
+  run killed between its last logs and its next checkpoint would.
+  """
+  workdir = tmp_path_factory.mktemp("train") / "b"
+  shutil.copytree(run_a, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "8")
+  (workdir / "summary.json").unlink()
+  rc = run_main(
+    *tiny_flags(optimizer__clipping_threshold=None),
+    f"--workdir={workdir}",
+  )
+  assert rc == 0
+  return workdir
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resumed_run_ends_bit_identical_to_uninterrupted_run(run_a, run_b):
+  a, b = restore(run_a, 8), restore(run_b, 8)
+  assert set(a) == set(b) == {"params", "opt_state"}
+  assert_bit_identical(a["params"], b["params"])
+  assert_bit_identical(a["opt_state"], b["opt_state"])
+  # The run moved: the final parameters are not the step-4 ones.
+  mid = restore(run_a, 4)["params"]
+  assert any(
+    not np.array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(mid), jax.tree.leaves(a["params"]), strict=True)
+  )
+
+
+def test_resumed_run_reports_resume_and_keeps_metrics_without_duplicates(run_a, run_b):
+  summary_a = json.loads((run_a / "summary.json").read_text())
+  summary_b = json.loads((run_b / "summary.json").read_text())
+  assert summary_a["resumed_from"] == 0
+  assert summary_b["resumed_from"] == 4
+  for key in ("final_train_loss", "final_eval_loss", "optimizer_state_bytes", "num_params"):
+    assert summary_b[key] == summary_a[key]
+
+  records_a = read_jsonl(run_a / "metrics.jsonl")
+  records_b = read_jsonl(run_b / "metrics.jsonl")
+  assert without_rate(records_b) == without_rate(records_a)
+  kinds = [(r["step"], "eval_loss" in r) for r in records_b]
+  assert len(kinds) == len(set(kinds))
+  # Records up to the kept checkpoint are read back, not measured again: their
+  # timings are A's own. Later ones were measured by the resumed run.
+  assert [r for r in records_b if r["step"] <= 4] == [r for r in records_a if r["step"] <= 4]
+  assert [r for r in records_b if r["step"] > 4] != [r for r in records_a if r["step"] > 4]
+  # The checkpoint resumed from is untouched.
+  assert file_hashes(run_b / "checkpoints" / "4") == file_hashes(run_a / "checkpoints" / "4")
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_run_writes_metrics_plot_summary_and_config(run_a):
+  records = read_jsonl(run_a / "metrics.jsonl")
+  train_records = [r for r in records if "train_loss" in r]
+  eval_records = [r for r in records if "eval_loss" in r]
+  assert [r["step"] for r in train_records] == [2, 4, 6, 8]  # every log_every
+  assert [r["step"] for r in eval_records] == [4, 8]  # every eval_every
+  assert all(set(r) == {"step", "train_loss", "steps_per_sec"} for r in train_records)
+  assert all(set(r) == {"step", "eval_loss"} for r in eval_records)
+  # Bytes of a 256-symbol alphabet: a fresh model's loss is near ln(256).
+  losses = [r["train_loss"] for r in train_records] + [r["eval_loss"] for r in eval_records]
+  assert all(0 < x < 2 * math.log(256) for x in losses)
+  assert all(r["steps_per_sec"] > 0 for r in train_records)
+
+  png = (run_a / "loss.png").read_bytes()
+  assert png.startswith(b"\x89PNG\r\n\x1a\n")
+  import matplotlib.image
+
+  image = matplotlib.image.imread(run_a / "loss.png")
+  assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+  assert np.ptp(image) > 0  # not a blank image
+
+  summary = json.loads((run_a / "summary.json").read_text())
+  assert set(summary) == {
+    "optimizer",
+    "steps",
+    "resumed_from",
+    "final_train_loss",
+    "final_eval_loss",
+    "wall_time_sec",
+    "num_params",
+    "param_bytes",
+    "optimizer_state_bytes",
+    "adamw_state_bytes",
+  }
+  assert summary["optimizer"] == "adafactor"
+  assert summary["steps"] == 8
+  assert summary["final_train_loss"] == train_records[-1]["train_loss"]
+  assert summary["final_eval_loss"] == eval_records[-1]["eval_loss"]
+  assert summary["wall_time_sec"] > 0
+
+  restored = restore(run_a, 8)
+  params, opt_state = restored["params"], restored["opt_state"]
+  assert summary["num_params"] == sum(np.size(x) for x in jax.tree.leaves(params))
+  assert summary["param_bytes"] == sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
+  assert summary["optimizer_state_bytes"] == sum(
+    np.asarray(x).nbytes for x in jax.tree.leaves(opt_state)
+  )
+  # AdamW keeps two float32 moments per parameter (and a step count).
+  assert (
+    2 * summary["param_bytes"] <= summary["adamw_state_bytes"] <= 2 * summary["param_bytes"] + 8
+  )
+
+
+def test_cli_paper_row_and_none_override_are_saved_in_config_json(run_a, run_b):
+  expected = tiny_config()
+  train.set_config_value(expected, "optimizer.clipping_threshold", None)
+  expected = json.loads(expected.to_json())
+  assert expected["optimizer"]["clipping_threshold"] is None
+  # Run A came from configs/paper.py:no_clipping, run B from the default config
+  # with --config.optimizer.clipping_threshold=None: both are this config.
+  assert json.loads((run_a / "config.json").read_text()) == expected
+  assert json.loads((run_b / "config.json").read_text()) == expected
+
+
+def test_adafactor_state_is_under_one_percent_of_adamw_at_default_size():
+  config = default.get_config()
+  _, params = nnx.split(nnx.eval_shape(lambda: train.create_model(config)))
+  param_bytes = train.tree_bytes(params)
+  assert param_bytes > 1_000_000  # the default model, not a toy
+
+  def state_bytes(opt_config) -> int:
+    tx = train.create_optimizer(opt_config, config.num_steps)
+    return train.tree_bytes(jax.eval_shape(tx.init, params))
+
+  adafactor_bytes = state_bytes(config.optimizer)
+  adamw_bytes = state_bytes(adamw.get_config().optimizer)
+  assert adamw_bytes >= 2 * param_bytes
+  assert 0 < adafactor_bytes < 0.01 * adamw_bytes
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _write(path: Path, text: str) -> str:
+  path.write_text(text)
+  return str(path)
+
+
+EXTRA_KEY_CONFIG = """
+from adafactor_jax.configs import default
+
+def get_config():
+  config = default.get_config()
+  config.optimizer.lr = 1.0
+  return config
+"""
+
+DICT_CONFIG = """
+from adafactor_jax.configs import default
+
+def get_config():
+  config = default.get_config()
+  for key, value in {tiny!r}.items():
+    *parents, leaf = key.split(".")
+    holder = config
+    for part in parents:
+      holder = holder[part]
+    holder[leaf] = value
+  return config.to_dict()
+"""
+
+
+# (case, flags before the tiny ones with {tmp} for the test's directory, message fragments)
+BAD_INPUTS = [
+  ("unknown_key", ["--config.optimizer.lr=1"], ["'optimizer.lr'", "Did you mean --config."]),
+  ("wrong_type", ["--config.num_steps=abc"], ["num_steps", "abc"]),
+  ("unknown_key_in_file", ["--config={tmp}/extra.py"], ["unknown config key 'optimizer.lr'"]),
+  ("negative_lr", ["--config.optimizer.learning_rate=-1"], ["'optimizer.learning_rate'", "> 0"]),
+  ("heads_do_not_divide", ["--config.model.num_heads=3"], ["'model.d_model'", "'model.num_heads'"]),
+  ("hf_style_decay_rate", ["--config.optimizer.decay_rate=-0.8"], ["decay_rate", "0.8"]),
+  ("zero_steps", ["--config.num_steps=0"], ["'num_steps'", "> 0"]),
+  ("eval_fraction_1.5", ["--config.data.eval_fraction=1.5"], ["'data.eval_fraction'"]),
+  ("checkpoint_between_logs", ["--config.checkpoint_every=3"], ["checkpoint_every", "log_every"]),
+  ("unknown_optimizer", ["--config.optimizer.name=adam"], ["'optimizer.name'", "'adam'"]),
+  (
+    "schedule_without_lr",
+    ["--config.optimizer.schedule=cosine"],
+    ["'optimizer.schedule'", "'optimizer.learning_rate'"],
+  ),
+  ("missing_corpus", ["--config.data.corpus={tmp}/nowhere"], ["data.corpus", "nowhere"]),
+  ("no_matching_files", ["--config.data.corpus={tmp}/corpus"], ["data.corpus", "no files", ".py"]),
+  ("unknown_flag", ["--bogus=1"], ["bogus"]),
+]
+
+
+def _assert_refused(capsys, rc: int, fragments: list[str]) -> str:
+  out, err = capsys.readouterr()
+  assert rc == 2
+  assert err.startswith(f"{PROG}: error: "), err
+  assert "Traceback" not in err
+  for fragment in fragments:
+    assert fragment in err
+  return err
+
+
+@pytest.mark.parametrize(
+  ("flags", "fragments"), [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS]
+)
+def test_bad_input_exits_2_naming_the_problem_and_writes_nothing(
+  flags, fragments, tmp_path, capsys
+):
+  _write(tmp_path / "extra.py", EXTRA_KEY_CONFIG)
+  (tmp_path / "corpus").mkdir()
+  (tmp_path / "corpus" / "notes.txt").write_text("no python here\n" * 100)
+  before = file_hashes(tmp_path)
+  flags = [flag.format(tmp=tmp_path) for flag in flags]
+  config_file = [flag for flag in flags if flag.startswith("--config=")]
+  overrides = [flag for flag in flags if not flag.startswith("--config=")]
+  workdir = tmp_path / "run"
+  # A --config=<file> flag must come before the --config.<key> ones; the last override wins.
+  rc = run_main(*config_file, *tiny_flags(), *overrides, f"--workdir={workdir}")
+  _assert_refused(capsys, rc, fragments)
+  assert not workdir.exists()
+  assert file_hashes(tmp_path) == before
+
+
+def test_unknown_key_suggests_a_real_key(tmp_path, capsys):
+  rc = run_main("--config.optimizer.nme=adamw", f"--workdir={tmp_path / 'run'}")
+  err = _assert_refused(capsys, rc, ["'optimizer.nme'", "Did you mean --config.optimizer.name?"])
+  assert err.count("\n") == 1
+  assert not (tmp_path / "run").exists()
+
+
+def test_config_file_returning_a_dict_is_refused(tmp_path, capsys):
+  config_file = _write(tmp_path / "as_dict.py", DICT_CONFIG.format(tiny=TINY))
+  rc = run_main(f"--config={config_file}", f"--workdir={tmp_path / 'run'}")
+  _assert_refused(capsys, rc, ["ConfigDict", "dict"])
+  assert not (tmp_path / "run").exists()
+
+
+def test_unknown_paper_row_is_refused_with_the_rows(tmp_path, capsys):
+  rc = run_main(f"--config={PAPER_FILE}:no_such_row", f"--workdir={tmp_path / 'run'}")
+  out, err = capsys.readouterr()
+  assert rc == 2
+  assert err.startswith(f"{PROG}: error: ")
+  assert "unknown row 'no_such_row'" in err
+  assert all(row in err for row in paper.ROWS)
+  assert not (tmp_path / "run").exists()
+  with pytest.raises(ValueError, match="no_such_row"):
+    paper.get_config("no_such_row")
+
+
+def test_unwritable_workdir_is_refused(tmp_path, capsys):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  rc = run_main(*tiny_flags(), f"--workdir={blocker / 'run'}")
+  _assert_refused(capsys, rc, ["--workdir", "not writable"])
+  assert blocker.read_text() == "not a directory"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_workdir_of_a_different_run_is_refused_and_left_untouched(run_a, tmp_path, capsys):
+  workdir = tmp_path / "a_copy"
+  shutil.copytree(run_a, workdir)
+  before = file_hashes(workdir)
+  assert any(name.startswith("checkpoints/8/") for name in before)
+  rc = run_main(
+    f"--config={PAPER_FILE}:no_clipping",
+    *tiny_flags(model__d_model=32),
+    f"--workdir={workdir}",
+  )
+  _assert_refused(capsys, rc, ["different config (model.d_model)"])
+  assert file_hashes(workdir) == before
+
+
+def test_bad_flag_in_a_real_process_exits_2_on_stderr(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "adafactor_jax.train",
+      "--config.optimizr.name=adamw",
+      f"--workdir={workdir}",
+    ],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 2
+  assert proc.stderr.startswith(f"{PROG}: error: ")
+  assert "'optimizr.name'" in proc.stderr
+  assert "Did you mean --config.optimizer.name?" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert proc.stdout == ""
+  assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- known bugs
+
+
+@pytest.mark.parametrize("key", ["seed", "data.suffixes", "data.eval_fraction"])
+def test_none_for_a_key_that_cannot_be_none_is_refused(key, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  rc = run_main(*tiny_flags(), f"--config.{key}=None", f"--workdir={workdir}")
+  _assert_refused(capsys, rc, [key])
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("overrides", [[], ["--config.num_steps=2"]], ids=["plain", "override"])
+def test_missing_config_file_is_refused_naming_it(overrides, tmp_path, capsys):
+  missing = tmp_path / "missing_config.py"
+  rc = run_main(f"--config={missing}", *overrides, f"--workdir={tmp_path / 'run'}")
+  _assert_refused(capsys, rc, [str(missing)])
+  assert not (tmp_path / "run").exists()
+
+
+def test_override_on_a_dict_config_file_is_refused(tmp_path, capsys):
+  config_file = _write(tmp_path / "small_dict.py", "def get_config():\n  return {'seed': 1}\n")
+  rc = run_main(f"--config={config_file}", "--config.num_steps=2", f"--workdir={tmp_path / 'run'}")
+  _assert_refused(capsys, rc, ["dict"])
+  assert not (tmp_path / "run").exists()
+
+
+def test_stray_positional_argument_is_refused(tmp_path, capsys, monkeypatch):
+  started = []
+  monkeypatch.setattr(train, "train_and_evaluate", lambda *args: started.append(args))
+  rc = run_main(*tiny_flags(), f"--workdir={tmp_path / 'run'}", str(Path(adamw.__file__)))
+  assert started == []
+  _assert_refused(capsys, rc, ["adamw.py"])
+
+
+# --------------------------------------------------------------------------- config helpers
+
+
+def test_resolve_config_fills_defaults_and_coerces_types():
+  user = ml_collections.ConfigDict(
+    {"num_steps": 7, "optimizer": {"learning_rate": 1}, "data": {"suffixes": [".txt", ".md"]}}
+  )
+  resolved = train.resolve_config(user)
+  assert resolved.num_steps == 7
+  assert resolved.optimizer.learning_rate == 1.0
+  assert isinstance(resolved.optimizer.learning_rate, float)
+  assert resolved.data.suffixes == (".txt", ".md")
+  reference = default.get_config()
+  assert resolved.model.to_dict() == reference.model.to_dict()
+  assert resolved.optimizer.decay_rate == reference.optimizer.decay_rate
+  assert user.to_dict() == {
+    "num_steps": 7,
+    "optimizer": {"learning_rate": 1},
+    "data": {"suffixes": [".txt", ".md"]},
+  }
+
+
+@pytest.mark.parametrize(
+  ("user", "fragments"),
+  [
+    ({"num_steps": True}, ["'num_steps'", "int", "bool"]),
+    ({"model": {"d_model": "wide"}}, ["'model.d_model'", "int", "'wide'"]),
+    ({"optimizer": {"decay_rte": 0.8}}, ["'optimizer.decay_rte'", "'optimizer.decay_rate'"]),
+    ({"data": {"eval_fraction": 0.0}}, ["'data.eval_fraction'"]),
+    ({"model": {"param_dtype": "float33"}}, ["'model.param_dtype'", "'float33'"]),
+  ],
+  ids=["bool_for_int", "str_for_int", "typo_key", "eval_fraction_0", "bad_dtype"],
+)
+def test_resolve_config_refuses_naming_the_key(user, fragments):
+  with pytest.raises(train.ConfigError) as error:
+    train.resolve_config(ml_collections.ConfigDict(user))
+  assert all(fragment in str(error.value) for fragment in fragments), str(error.value)
+  assert isinstance(error.value, ValueError)
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+  opt = default.get_config().optimizer
+  assert train.learning_rate_schedule(opt, 100) is None  # Adafactor's relative step
+  opt.learning_rate, opt.warmup_steps, opt.schedule = 1e-2, 10, "cosine"
+  schedule = train.learning_rate_schedule(opt, 100)
+  values = np.array([float(schedule(t)) for t in range(101)])
+  assert 0 < values[0] < values[5] < values[10]
+  assert np.all(np.diff(values[:11]) > 0)
+  assert values[10] == pytest.approx(1e-2)
+  assert np.all(np.diff(values[10:]) <= 0)
+  assert values[100] < 0.5 * values[10]
+  opt.warmup_steps = 100
+  with pytest.raises(train.ConfigError, match="optimizer.warmup_steps"):
+    train.learning_rate_schedule(opt, 100)
+
+
+def test_set_config_value_sets_none_on_a_typed_field():
+  config = default.get_config()
+  train.set_config_value(config, "optimizer.clipping_threshold", None)
+  assert config.optimizer.clipping_threshold is None
+  assert train.resolve_config(config).optimizer.clipping_threshold is None
+
+
+def test_every_shipped_config_resolves_and_builds_its_optimizer():
+  from adafactor_jax.configs import big_vision, t5_finetune
+
+  configs = {
+    "default": default.get_config(),
+    "adamw": adamw.get_config(),
+    "big_vision": big_vision.get_config(),
+    "t5_finetune": t5_finetune.get_config(),
+    **{f"paper:{row}": paper.get_config(row) for row in paper.ROWS},
+  }
+  names = set()
+  for config in configs.values():
+    resolved = train.resolve_config(config)
+    train.create_optimizer(resolved.optimizer, resolved.num_steps)
+    names.add(resolved.optimizer.name)
+  assert names == {"adafactor", "adamw", "big_vision", "t5x"}
+  assert paper.get_config("no_clipping").optimizer.clipping_threshold is None
+
+
+# --------------------------------------------------------------------------- input pipeline
+
+
+def test_batch_at_is_a_pure_function_of_key_and_step():
+  text = jax.numpy.asarray(np.arange(5000) % 251, jax.numpy.uint8)
+  key = jax.random.key(0)
+
+  def batch(k, step):
+    return np.asarray(input_pipeline.batch_at(text, k, step, 8, 16))
+
+  first = batch(key, 3)
+  assert first.shape == (8, 17) and first.dtype == np.int32
+  assert np.array_equal(first, batch(key, 3))
+  jitted = jax.jit(input_pipeline.batch_at, static_argnums=(3, 4))
+  assert np.array_equal(first, jitted(text, key, jax.numpy.int32(3), 8, 16))
+  assert not np.array_equal(first, batch(key, 4))
+  assert not np.array_equal(first, batch(jax.random.key(1), 3))
+  for row in first:  # contiguous windows of the text
+    assert np.array_equal(row, (row[0] + np.arange(17)) % 251)
+
+
+def _python_files(root: Path, names: range) -> dict[str, bytes]:
+  """Writes a .py file per name (in three folders) with a unique body; returns relpath: bytes."""
+  files = {}
+  for i in names:
+    path = root / f"pkg{i % 3}" / f"mod{i}.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = f"# module {i}\n".encode() + b"x = 1\n" * (5 + i % 7)
+    path.write_bytes(data)
+    files[str(path.relative_to(root))] = data
+  return files
+
+
+def _split_of(corpus: input_pipeline.Corpus, files: dict[str, bytes]) -> dict[str, str]:
+  train_bytes, eval_bytes = corpus.train.tobytes(), corpus.eval.tobytes()
+  split = {}
+  for name, data in files.items():
+    in_train, in_eval = data in train_bytes, data in eval_bytes
+    assert in_train != in_eval, name  # every file in exactly one split
+    split[name] = "train" if in_train else "eval"
+  return split
+
+
+def test_train_eval_split_is_by_file_disjoint_and_stable(tmp_path):
+  root = tmp_path / "a"
+  files = _python_files(root, range(40))
+  (root / "notes.txt").write_bytes(b"NOT PYTHON " * 10)
+  corpus = input_pipeline.load_corpus(str(root), (".py",), 10**7, eval_fraction=0.3)
+  assert corpus.num_files == 40
+  assert corpus.train.dtype == corpus.eval.dtype == np.uint8
+  split = _split_of(corpus, files)
+  assert 0 < list(split.values()).count("eval") < 40
+  assert b"NOT PYTHON" not in corpus.train.tobytes() + corpus.eval.tobytes()
+  assert len(corpus.train) + len(corpus.eval) < sum(map(len, files.values())) + 40
+
+  again = input_pipeline.load_corpus(str(root), (".py",), 10**7, eval_fraction=0.3)
+  assert np.array_equal(again.train, corpus.train) and np.array_equal(again.eval, corpus.eval)
+
+  # Elsewhere, with more files: the split of a file depends only on its relative path.
+  moved = tmp_path / "b"
+  shutil.copytree(root, moved)
+  extra = _python_files(moved, range(40, 80))
+  bigger = input_pipeline.load_corpus(str(moved), (".py",), 10**7, eval_fraction=0.3)
+  assert bigger.num_files == 80
+  bigger_split = _split_of(bigger, {**files, **extra})
+  assert {name: bigger_split[name] for name in files} == split
+
+
+def test_max_bytes_caps_the_corpus(tmp_path):
+  files = _python_files(tmp_path, range(40))
+  budget = sum(map(len, files.values())) // 3
+  corpus = input_pipeline.load_corpus(str(tmp_path), (".py",), budget, eval_fraction=0.3)
+  assert 0 < corpus.num_files < 40
+  train_bytes, eval_bytes = corpus.train.tobytes(), corpus.eval.tobytes()
+  chosen = [data for data in files.values() if data in train_bytes or data in eval_bytes]
+  assert len(chosen) == corpus.num_files
+  assert sum(map(len, chosen)) <= budget
+
+
+def test_single_file_is_split_by_fraction(tmp_path):
+  data = bytes(range(256)) * 4
+  path = tmp_path / "book.txt"
+  path.write_bytes(data)
+  corpus = input_pipeline.load_corpus(str(path), eval_fraction=0.25)
+  assert corpus.num_files == 1
+  assert corpus.train.tobytes() + corpus.eval.tobytes() == data
+  assert len(corpus.eval) == len(data) // 4
+  with pytest.raises(input_pipeline.CorpusError, match="eval split.*book.txt"):
+    input_pipeline.load_corpus(str(path), eval_fraction=0.25, min_bytes=300)
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def _result(name, optimizer, eval_loss, state_bytes, adamw_bytes=10_000):
+  return {
+    "name": name,
+    "optimizer": optimizer,
+    "steps": 10,
+    "resumed_from": 0,
+    "final_train_loss": eval_loss - 0.1,
+    "final_eval_loss": eval_loss,
+    "wall_time_sec": 12.0,
+    "num_params": 1000,
+    "param_bytes": 4000,
+    "optimizer_state_bytes": state_bytes,
+    "adamw_state_bytes": adamw_bytes,
+    "eval_curve": [(10, eval_loss)],
+  }
+
+
+def test_table_compares_with_the_best_finite_adamw():
+  results = [
+    _result("adafactor", "adafactor", 2.0, 50),
+    _result("adamw_lr0.001", "adamw", 2.4, 10_000),
+    _result("adamw_lr0.003", "adamw", 2.1, 10_000),
+    _result("adamw_lr0.01", "adamw", float("nan"), 10_000),
+    _result("big_vision", "big_vision", 2.2, 2_500),
+  ]
+  lines = compare.table(results).splitlines()
+  assert len(lines) == 2 + len(results)
+  assert "vs adamw_lr0.003" in lines[0]
+  rows = {
+    line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]
+  }
+  assert list(rows) == [r["name"] for r in results]
+  for name in ("adamw_lr0.001", "adamw_lr0.003", "adamw_lr0.01"):
+    assert rows[name][-1] == "100.00%"
+  assert rows["big_vision"][-1] == "25.00%"
+  assert rows["adamw_lr0.003"][1] == "+0.00%"
+  assert rows["adafactor"][1] == f"{(2.0 / 2.1 - 1) * 100:+.2f}%"
+  assert rows["adamw_lr0.001"][1] == f"{(2.4 / 2.1 - 1) * 100:+.2f}%"
+  assert rows["adafactor"][0] == "2.0000"
+
+
+def test_run_suite_shrinks_every_run_and_compare_cli_writes_results(tmp_path, monkeypatch, capsys):
+  """The suite wiring, with the training itself replaced (a real run compiles for seconds)."""
+  trained = {}
+
+  def fake_train_and_evaluate(config, workdir, progress=True):
+    config = train.resolve_config(config)  # every shrunk config is valid ...
+    tx = train.create_optimizer(config.optimizer, config.num_steps)  # ... and builds
+    assert workdir not in trained
+    trained[workdir] = config
+    loss = 2.0 + len(trained) / 10
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+      f.write(json.dumps({"step": config.num_steps, "train_loss": loss, "steps_per_sec": 1.0}))
+      f.write("\n" + json.dumps({"step": config.num_steps, "eval_loss": loss}) + "\n")
+    params = {"w": jax.ShapeDtypeStruct((256, 256), np.float32)}
+    return {
+      "optimizer": config.optimizer.name,
+      "steps": config.num_steps,
+      "resumed_from": 0,
+      "final_train_loss": loss,
+      "final_eval_loss": loss,
+      "wall_time_sec": 1.0,
+      "num_params": 256 * 256,
+      "param_bytes": train.tree_bytes(params),
+      "optimizer_state_bytes": train.tree_bytes(jax.eval_shape(tx.init, params)),
+      "adamw_state_bytes": train.tree_bytes(jax.eval_shape(adamw_tx.init, params)),
+    }
+
+  adamw_tx = train.create_optimizer(train.resolve_config(adamw.get_config()).optimizer, 100)
+  monkeypatch.setattr(train, "train_and_evaluate", fake_train_and_evaluate)
+
+  results = compare.run_suite(
+    "default", str(tmp_path / "api"), num_steps=2, progress=False, overrides={"model.d_model": 32}
+  )
+  names = [r["name"] for r in results]
+  assert names == ["adafactor", "adamw_lr0.001", "adamw_lr0.003", "adamw_lr0.01", "big_vision"]
+  assert [os.path.basename(w) for w in trained] == names
+  assert all(os.path.dirname(w) == str(tmp_path / "api" / "default") for w in trained)
+  configs = list(trained.values())
+  assert all(c.num_steps == 2 and c.model.d_model == 32 for c in configs)
+  assert sorted(c.optimizer.learning_rate for c in configs[1:4]) == [1e-3, 3e-3, 1e-2]
+  for result in results:
+    assert result["eval_curve"] == [(2, result["final_eval_loss"])]
+
+  trained.clear()
+  rc = compare.main(["--workdir", str(tmp_path / "cli"), "--num_steps", "2", "--no-progress"])
+  out = capsys.readouterr().out
+  assert rc == 0
+  base = tmp_path / "cli" / "default"
+  saved = json.loads(base.with_suffix(".json").read_text())
+  assert [r["name"] for r in saved] == names
+  assert base.with_suffix(".md").read_text().strip() == compare.table(saved)
+  assert compare.table(saved) in out
+  assert base.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+  adamw_rows = [line for line in out.splitlines() if line.startswith("| adamw_")]
+  assert len(adamw_rows) == 3 and all(line.endswith("| 100.00% |") for line in adamw_rows)
+
+  with pytest.raises(SystemExit) as exit_info:
+    compare.main(["--workdir", str(tmp_path / "zero"), "--num_steps", "0"])
+  assert exit_info.value.code == 2
+  assert "--num_steps" in capsys.readouterr().err
+  assert not (tmp_path / "zero").exists()
