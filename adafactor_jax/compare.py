@@ -116,12 +116,10 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def chart(results: list[dict[str, Any]], path: str, title: str) -> None:
-  import matplotlib
+  from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (curves, state) = plt.subplots(1, 2, figsize=(12, 4.5), width_ratios=(3, 2))
+  fig = Figure(figsize=(12, 4.5))
+  curves, state = fig.subplots(1, 2, width_ratios=(3, 2))
   for r in results:
     if r["eval_curve"]:
       curves.plot(*zip(*r["eval_curve"], strict=True), "o-", markersize=3, label=r["name"])
@@ -138,7 +136,6 @@ def chart(results: list[dict[str, Any]], path: str, title: str) -> None:
   state.tick_params(axis="y", labelsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

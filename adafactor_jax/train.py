@@ -358,12 +358,10 @@ class Workdir:
 
 
 def plot_losses(records: list[dict], path: str, title: str) -> None:
-  import matplotlib
+  from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig = Figure(figsize=(7, 4))
+  ax = fig.subplots()
   for key, style in (("train_loss", "-"), ("eval_loss", "o-")):
     points = [(r["step"], r[key]) for r in records if key in r]
     if points:
@@ -373,7 +371,6 @@ def plot_losses(records: list[dict], path: str, title: str) -> None:
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 # --------------------------------------------------------------------------- the job
@@ -388,7 +385,7 @@ def train_and_evaluate(
   checked before the workdir is written to.
   """
   import orbax.checkpoint as ocp
-  from tqdm.auto import tqdm
+  from tqdm import tqdm
 
   config = resolve_config(config)
   tx = create_optimizer(config.optimizer, config.num_steps)

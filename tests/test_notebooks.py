@@ -1,0 +1,82 @@
+"""The notebooks run top to bottom, at their small size (ADAFACTOR_NOTEBOOK_SMALL=1)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+nbclient = pytest.importorskip("nbclient")
+nbformat = pytest.importorskip("nbformat")
+pytest.importorskip("ipykernel")
+
+from adafactor_jax.configs import paper  # noqa: E402
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+CELL_TIMEOUT_SEC = 300
+
+
+def _execute(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, int]:
+  """Runs a notebook in a kernel started in tmp_path/run.
+
+  Returns its text outputs, joined, and the number of PNG images it showed.
+  """
+  # A python3 kernel spec that runs this interpreter, ahead of any other on JUPYTER_PATH: a
+  # kernel without adafactor_jax would make the first cell pip-install it from GitHub.
+  spec = tmp_path / "jupyter" / "kernels" / "python3"
+  spec.mkdir(parents=True)
+  argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+  kernel = {"argv": argv, "display_name": "Python 3", "language": "python"}
+  (spec / "kernel.json").write_text(json.dumps(kernel))
+  monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+  # The kernel inherits this environment: the small sizes, temporary workdirs under tmp_path,
+  # ipykernel's inline plots, and less XLA optimization (compiling dominates these tiny runs).
+  run = tmp_path / "run"
+  run.mkdir()
+  monkeypatch.setenv("ADAFACTOR_NOTEBOOK_SMALL", "1")
+  monkeypatch.setenv("TMPDIR", str(run))
+  monkeypatch.delenv("MPLBACKEND", raising=False)
+  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+  nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+  assert all(not cell.get("outputs") for cell in nb.cells), f"{name}: commit it without outputs"
+  client = nbclient.NotebookClient(
+    nb, timeout=CELL_TIMEOUT_SEC, kernel_name="python3", resources={"metadata": {"path": str(run)}}
+  )
+  client.execute()  # raises CellExecutionError, with the cell and traceback, on an error
+  texts, images = [], 0
+  for cell in nb.cells:
+    for output in cell.get("outputs", []):
+      assert output.output_type != "error", output
+      if output.output_type == "stream":
+        texts.append(output.text)
+      elif "image/png" in output.get("data", {}):
+        images += 1
+      elif "text/plain" in output.get("data", {}):
+        texts.append(output.data["text/plain"])
+  return "\n".join(texts), images
+
+
+def test_quickstart(tmp_path, monkeypatch):
+  text, images = _execute("quickstart", tmp_path, monkeypatch)
+  assert "statistics: 384 numbers = 256 + 128" in text, text
+  assert re.search(r"MLP loss: [\d.]+ at the start, [\d.]+ after 400 steps", text), text
+  # The job's own summary, then the notebook's line under the loss.png it displays.
+  assert re.search(r"^final eval loss +\d+\.\d{4}$", text, re.MULTILINE), text
+  assert re.search(r"final eval loss \d+\.\d{4} nats/byte after 20 steps", text), text
+  assert images == 2, text  # the two loss curves, then the job's loss.png
+  workdirs = list((tmp_path / "run").glob("adafactor_quickstart_*"))
+  assert len(workdirs) == 1 and (workdirs[0] / "summary.json").is_file(), workdirs
+
+
+def test_paper_findings(tmp_path, monkeypatch):
+  text, images = _execute("paper_findings", tmp_path, monkeypatch)
+  for row in paper.ROWS:
+    assert re.search(rf"^\| {row} \| \d+\.\d{{4}} \|", text, re.MULTILINE), (row, text)
+  verdicts = re.findall(r"^\[[123+]\] (reproduced|NOT reproduced) ", text, re.MULTILINE)
+  assert len(verdicts) == 10, text
+  assert re.search(r"\d+ of 10 claims reproduced after 4 steps\.", text), text
+  assert images == 1, text  # the eval-loss panels, shown after the job switched backends
