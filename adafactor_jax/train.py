@@ -90,9 +90,7 @@ def resolve_config(config: Any) -> ml_collections.ConfigDict:
   nullable = _nullable_keys(resolved)
   for key, value in _flatten(config).items():
     if key not in types:
-      close = difflib.get_close_matches(key, list(types), n=1)
-      hint = f" Did you mean {close[0]!r}?" if close else ""
-      raise ConfigError(f"unknown config key {key!r}.{hint}")
+      raise _unknown_key(key, types)
     expected = types[key]
     if value is None and key not in nullable:
       raise ConfigError(f"config key {key!r} cannot be None.")
@@ -108,6 +106,16 @@ def resolve_config(config: Any) -> ml_collections.ConfigDict:
     set_config_value(resolved, key, value)
   _check_values(resolved)
   return resolved
+
+
+def _unknown_key(key: str, types: dict[str, Any], flag: str | None = None) -> ConfigError:
+  """The error for a key the default config lacks, naming its nearest known key."""
+  close = difflib.get_close_matches(key, list(types), n=1)
+  if flag is None:
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}.{hint}")
+  hint = f" Did you mean --config.{close[0]}?" if close else ""
+  return ConfigError(f"unknown config key {key!r} in {flag!r}.{hint}")
 
 
 def _nullable_keys(default: ml_collections.ConfigDict) -> frozenset[str]:
@@ -128,9 +136,15 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     if value is None or value <= 0:
       raise ConfigError(f"config key {key!r} must be > 0, got {value!r}.")
 
-  for key in ("num_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every"):
+  for key in (
+    "num_steps",
+    "log_every",
+    "eval_every",
+    "eval_batches",
+    "checkpoint_every",
+    "keep_checkpoints",
+  ):
     positive(key, config[key])
-  positive("keep_checkpoints", config.keep_checkpoints)
   for key in ("seq_len", "batch_size", "max_bytes"):
     positive(f"data.{key}", config.data[key])
   if not 0.0 < config.data.eval_fraction < 1.0:
@@ -575,9 +589,7 @@ def _config_overrides(argv: list[str]) -> tuple[list[str], list[str], str]:
     elif arg.startswith("--config."):
       key, equals, value = arg[len("--config.") :].partition("=")
       if key not in types:
-        close = difflib.get_close_matches(key, list(types), n=1)
-        hint = f" Did you mean --config.{close[0]}?" if close else ""
-        raise ConfigError(f"unknown config key {key!r} in {arg!r}.{hint}")
+        raise _unknown_key(key, types, flag=arg)
       if not equals:  # the space-separated form, --config.key value
         value = next(args, "")
         kept.append(arg)
