@@ -7,7 +7,6 @@ from typing import Any
 import optax
 
 from adafactor_jax import _checks
-from adafactor_jax.clipping import clip_by_update_rms
 from adafactor_jax.factored import FactorDimsFn, FactorRules, scale_by_factored_rms
 from adafactor_jax.momentum import FLOAT32, ema_momentum, momentum_dtype_or_error
 from adafactor_jax.nonfinite import skip_nonfinite as skip_nonfinite_steps
@@ -58,14 +57,6 @@ def adafactor_chain(
       f"learning_rate=None, got learning_rate={learning_rate!r}. For an "
       "absolute step with warmup, pass an optax schedule as learning_rate."
     )
-  _checks.check_scalar(
-    "clipping_threshold",
-    clipping_threshold,
-    low=0.0,
-    low_open=True,
-    allow_none=True,
-    hint="Pass None to turn clipping off.",
-  )
   _checks.check_bool("multiply_by_parameter_scale", multiply_by_parameter_scale)
   # Checked even without momentum; momentum itself is checked by ema_momentum.
   momentum_dtype = momentum_dtype_or_error(momentum_dtype)
@@ -92,10 +83,9 @@ def adafactor_chain(
       factored=factored,
       min_dim_size_to_factor=min_dim_size_to_factor,
       factor_dims=factor_dims,
+      clipping_threshold=clipping_threshold,
     )
   ]
-  if clipping_threshold is not None:
-    chain.append(clip_by_update_rms(clipping_threshold))
   weight_decay_step = (
     None if weight_decay is None else optax.add_decayed_weights(weight_decay, weight_decay_mask)
   )
@@ -141,7 +131,9 @@ def adafactor(
      (:func:`scale_by_factored_rms`; float32 statistics, decay
      :math:`\hat\beta_{2t} = \min(\text{beta2\_cap}, 1 - (t - \text{decay\_offset})^{-c})`);
   2. clipping, :math:`U / \max(1, \mathrm{RMS}(U)/d)`
-     (:func:`clip_by_update_rms`; skipped when ``clipping_threshold`` is None);
+     (as :func:`clip_by_update_rms`, but fused into
+     :func:`scale_by_factored_rms` so that :math:`U` is never stored; skipped
+     when ``clipping_threshold`` is None);
   3. times the step size: ``learning_rate`` (a float or an optax schedule), or
      when it is None the relative step :math:`\rho_t = \min(10^{-2}, 1/\sqrt t)`
      (:func:`adafactor_jax.schedules.relative_step_size`);

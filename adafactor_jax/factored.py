@@ -136,7 +136,7 @@ def _factored_axes(v_row: jax.Array, v_col: jax.Array):
   return rows, cols
 
 
-def _cast(x: jax.Array, dtype) -> jax.Array:
+def saturating_cast(x: jax.Array, dtype) -> jax.Array:
   """x in dtype, saturating at its largest finite value rather than overflowing.
 
   G/sqrt(V̂) can exceed float16's range before clipping brings it back; as inf it
@@ -148,24 +148,64 @@ def _cast(x: jax.Array, dtype) -> jax.Array:
   return jnp.clip(x, -largest, largest).astype(dtype)
 
 
-def factored_update(grad, v_row, v_col, v, beta2, epsilon1):
-  """One parameter's step: (G / sqrt(V̂) in float32, v_row, v_col, v).
+class Preconditioned(NamedTuple):
+  r"""One parameter's step of :func:`precondition`.
+
+  :math:`U = G / \sqrt{\hat V}` is ``grad * factors[0] * factors[1]`` in
+  float32, left unevaluated so that each consumer fuses it into its own loop.
+  """
+
+  v_row: jax.Array | None
+  v_col: jax.Array | None
+  v: jax.Array | None
+  factors: tuple[jax.Array, jax.Array]
+  mean_square: jax.Array | None  # mean(U²), when asked for.
+
+
+def precondition(grad, v_row, v_col, v, beta2, epsilon1, *, mean_square: bool) -> Preconditioned:
+  """One parameter's new statistics and the factors of G / sqrt(V̂).
 
   Factored when ``v`` is None, with ``v_row`` and ``v_col`` as in
   :class:`ScaleByFactoredRmsState`; otherwise ``v`` is the full second moment.
+  With ``mean_square``, also mean(U²) for update clipping.
+
+  Written for memory traffic, the cost of this step: XLA fuses a reduction with
+  the elementwise work that feeds it, but when two reductions share G² it
+  stores G² in a parameter-sized temporary. So each reduction reads its own
+  copy of G behind an optimization barrier, and mean(U²) = Σ_i r_i² Σ_j G_ij² c_j²
+  shares one pass with the row statistics, computed after the column ones.
   """
-  grad = grad.astype(jnp.float32)
-  grad_sq = jnp.square(grad) + epsilon1
-  if v is None:
-    rows, cols = _factored_axes(v_row, v_col)
-    v_row = beta2 * v_row + (1 - beta2) * jnp.mean(grad_sq, cols, keepdims=True)
-    v_col = beta2 * v_col + (1 - beta2) * jnp.mean(grad_sq, rows, keepdims=True)
-    # V̂ = R C / mean(R), taken as two rsqrt factors so that R * C cannot underflow.
-    row_ratio = v_row / jnp.mean(v_row, rows, keepdims=True)
-    row_factor = jax.lax.rsqrt(jnp.maximum(row_ratio, _TINY))
-    return grad * row_factor * jax.lax.rsqrt(v_col), v_row, v_col, None
-  v = beta2 * v + (1 - beta2) * grad_sq
-  return grad * jax.lax.rsqrt(v), None, None, v
+  if v is not None:
+    g32 = grad.astype(jnp.float32)
+    v = beta2 * v + (1 - beta2) * (jnp.square(g32) + epsilon1)
+    factor = jax.lax.rsqrt(v)
+    msq = None
+    if mean_square:
+      g_msq, v_msq = jax.lax.optimization_barrier((grad, v))
+      msq = jnp.mean(jnp.square(g_msq.astype(jnp.float32)) / v_msq)
+    return Preconditioned(None, None, v, (factor, jnp.ones([], jnp.float32)), msq)
+
+  rows, cols = _factored_axes(v_row, v_col)
+  g_rows, g_cols = jax.lax.optimization_barrier((grad, grad))
+  col_mean = jnp.mean(jnp.square(g_cols.astype(jnp.float32)), rows, keepdims=True)
+  v_col = beta2 * v_col + (1 - beta2) * (col_mean + epsilon1)
+  col_factor = jax.lax.rsqrt(v_col)
+  g_rows = jnp.square(g_rows.astype(jnp.float32))
+  if mean_square:
+    # Row means of G² and of G² c² in one pass: a leading axis of size 2.
+    weights = jnp.stack([jnp.ones_like(v_col), jnp.square(col_factor)])
+    row_sums = jnp.mean(g_rows[None] * weights, [a + 1 for a in cols], keepdims=True)
+    row_mean, weighted_row_mean = row_sums[0], row_sums[1]
+  else:
+    row_mean = jnp.mean(g_rows, cols, keepdims=True)
+  v_row = beta2 * v_row + (1 - beta2) * (row_mean + epsilon1)
+  # V̂ = R C / mean(R), taken as two rsqrt factors so that R * C cannot underflow.
+  row_ratio = v_row / jnp.mean(v_row, rows, keepdims=True)
+  row_factor = jax.lax.rsqrt(jnp.maximum(row_ratio, _TINY))
+  msq = None
+  if mean_square:
+    msq = jnp.mean(jnp.square(row_factor) * weighted_row_mean)
+  return Preconditioned(v_row, v_col, None, (row_factor, col_factor), msq)
 
 
 def scale_by_factored_rms(
@@ -176,6 +216,7 @@ def scale_by_factored_rms(
   factored: bool = True,
   min_dim_size_to_factor: int = 128,
   factor_dims: FactorDimsFn | FactorRules | None = None,
+  clipping_threshold: float | None = None,
 ) -> optax.GradientTransformation:
   r"""Scales updates by a factored estimate of the gradient's RMS (Adafactor).
 
@@ -200,6 +241,14 @@ def scale_by_factored_rms(
   The choice of factored axes is made once, by ``init``, and recorded in the
   state (see :class:`ScaleByFactoredRmsState`); ``update`` reads it from there.
 
+  With ``clipping_threshold`` :math:`d`, the update is also clipped,
+  :math:`U_t / \max(1, \mathrm{RMS}(U_t)/d)`: the same as chaining
+  :func:`adafactor_jax.clip_by_update_rms`, but :math:`\mathrm{RMS}(U_t)` comes
+  from the pass over :math:`G_t` that computes :math:`R_t`, so :math:`U_t` is
+  never stored. Under ``jax.jit`` the whole step then reads :math:`G_t` three
+  times and needs no parameter-sized temporary; chained, XLA stores
+  :math:`U_t` because both the RMS and the division read it.
+
   Args:
     decay_rate: the exponent :math:`c > 0` of :math:`1 - t^{-c}` (paper: 0.8).
     decay_offset: steps >= 0 after which the decay schedule restarts
@@ -215,6 +264,8 @@ def scale_by_factored_rms(
       ``(regex, (row_axis, col_axis) | None)`` rules matched with ``re.search``
       against the '/'-joined parameter path, the first match deciding and
       unmatched parameters taking the default (:func:`default_factor_dims`).
+    clipping_threshold: :math:`d > 0` to clip the update by its RMS (paper:
+      1.0, the default of :func:`adafactor_jax.adafactor`), or None not to.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -227,6 +278,15 @@ def scale_by_factored_rms(
   _checks.check_scalar("epsilon1", epsilon1, low=0.0, low_open=True)
   _checks.check_bool("factored", factored)
   _checks.check_scalar("min_dim_size_to_factor", min_dim_size_to_factor, low=1, integer=True)
+  _checks.check_scalar(
+    "clipping_threshold",
+    clipping_threshold,
+    low=0.0,
+    low_open=True,
+    allow_none=True,
+    hint="Pass None to turn clipping off.",
+  )
+  clip = clipping_threshold is not None
   user_choice = _rules_fn(factor_dims)
   beta2_schedule = schedules.decay_rate_pow(decay_rate, decay_offset, beta2_cap)
 
@@ -294,11 +354,21 @@ def scale_by_factored_rms(
     )
     beta2 = beta2_schedule(state.count)
     outputs = [
-      factored_update(g, r, c, v, beta2, epsilon1)
+      precondition(g, r, c, v, beta2, epsilon1, mean_square=clip)
       for g, r, c, v in zip(grads, v_rows, v_cols, vs, strict=True)
     ]
-    new_updates = [_cast(out[0], g.dtype) for out, g in zip(outputs, grads, strict=True)]
-    v_row, v_col, v = (treedef.unflatten([out[i] for out in outputs]) for i in (1, 2, 3))
+
+    def scaled(grad, out: Preconditioned):
+      row_factor, col_factor = out.factors
+      if clip:
+        # Folded into a small factor: no extra multiply per element.
+        col_factor = col_factor / jnp.maximum(1.0, jnp.sqrt(out.mean_square) / clipping_threshold)
+      return saturating_cast(grad.astype(jnp.float32) * row_factor * col_factor, grad.dtype)
+
+    new_updates = [scaled(g, out) for g, out in zip(grads, outputs, strict=True)]
+    v_row, v_col, v = (
+      treedef.unflatten([getattr(out, name) for out in outputs]) for name in ("v_row", "v_col", "v")
+    )
     return treedef.unflatten(new_updates), ScaleByFactoredRmsState(
       optax.safe_increment(state.count), v_row, v_col, v
     )

@@ -48,7 +48,10 @@ def ema_momentum(
   The arithmetic is float32 and only the stored buffer has ``momentum_dtype``,
   so a bfloat16 buffer costs one rounding per step. (``optax.ema`` with a
   bfloat16 accumulator also rounds :math:`\beta_1 M_{t-1}` to bfloat16.) The
-  returned update is the unrounded :math:`M_t`, in the update's dtype.
+  returned update is :math:`M_t` as stored, so the parameters move by exactly
+  the momentum the state holds; unlike an update from the unrounded
+  :math:`M_t`, this lets XLA write the buffer in place and read it once more,
+  instead of copying the old buffer and computing :math:`M_t` twice.
 
   Args:
     momentum: :math:`\beta_1 \in [0, 1)`.
@@ -70,8 +73,10 @@ def ema_momentum(
       updates,
       state.momentum,
     )
-    updates = jax.tree.map(lambda n, u: n.astype(u.dtype), new, updates)
-    stored = jax.tree.map(lambda n: n.astype(momentum_dtype), new)
+    # The barrier keeps XLA from fusing the computation of M_t into the update
+    # as well, which would read the old buffer after its in-place overwrite.
+    stored = jax.lax.optimization_barrier(jax.tree.map(lambda n: n.astype(momentum_dtype), new))
+    updates = jax.tree.map(lambda m, u: m.astype(u.dtype), stored, updates)
     return updates, EmaMomentumState(stored)
 
   return optax.GradientTransformation(init_fn, update_fn)

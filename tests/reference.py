@@ -134,11 +134,11 @@ class Reference:
       u = alpha * u
       if o.momentum is not None:
         new_m = o.momentum * leaf.m + (1 - o.momentum) * u
-        u = new_m
         if o.momentum_dtype == "bfloat16":
-          # Stored as the library documents: float32 arithmetic, rounded once.
+          # As the library documents: float32 arithmetic, rounded once, and the
+          # parameters move by the momentum as stored.
           new_m = new_m.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
-        leaf.m = new_m
+        leaf.m = u = new_m
       if o.weight_decay is not None and (o.weight_decay_mask or {}).get(name, True):
         wd = o.weight_decay(t - 1) if callable(o.weight_decay) else o.weight_decay
         u = u + wd * x
