@@ -175,3 +175,72 @@ def test_none_and_tuple_containers_in_the_parameter_tree():
   assert state[0].v["pair"][0] is None and state[0].v_row["pair"][0].shape == (256, 1)
   # ε2 = 1e-3 times ρ_1 = 1e-2 times a unit update, with the sign of descent.
   np.testing.assert_allclose(updates["pair"][1], -1e-5, rtol=1e-5)
+
+
+FUSED_SHAPES = {
+  "matrix": (384, 256),
+  "batched": (3, 160, 144),  # a batch axis with its own statistics
+  "conv": (3, 3, 128, 256),
+  "vector": (300,),
+  "scalar": (),
+  "unfactored": (8, 300),
+}
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.05])
+def test_fused_clipping_equals_chaining_clip_by_update_rms(threshold):
+  keys = iter(jax.random.split(jax.random.key(3), 2 * len(FUSED_SHAPES)))
+  params = {k: jax.random.normal(next(keys), s) for k, s in FUSED_SHAPES.items()}
+  # Uneven gradient scales, so that some leaves are clipped and some not.
+  grads = {
+    k: 10.0 ** (i - 3) * jax.random.normal(next(keys), s)
+    for i, (k, s) in enumerate(FUSED_SHAPES.items())
+  }
+  fused = scale_by_factored_rms(clipping_threshold=threshold)
+  chained = optax.chain(scale_by_factored_rms(), adafactor_jax.clip_by_update_rms(threshold))
+  fused_state, chained_state = fused.init(params), chained.init(params)
+  clipped = set()
+  for _ in range(3):
+    fused_updates, fused_state = jax.jit(fused.update)(grads, fused_state)
+    chained_updates, chained_state = jax.jit(chained.update)(grads, chained_state)
+    unclipped, _ = scale_by_factored_rms().update(grads, chained_state[0])
+    for k in FUSED_SHAPES:
+      np.testing.assert_allclose(fused_updates[k], chained_updates[k], rtol=2e-6, atol=0, err_msg=k)
+      if not np.allclose(unclipped[k], chained_updates[k]):
+        clipped.add(k)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), fused_state, chained_state[0]
+  )
+  assert clipped
+  if threshold == 1.0:
+    assert clipped != set(FUSED_SHAPES)  # both branches ran
+
+
+def _temp_bytes(tx, shapes) -> int:
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = jax.eval_shape(tx.init, shapes)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(shapes, state, shapes).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_fused_step_needs_no_parameter_sized_temporary():
+  shapes = {
+    "embed": jax.ShapeDtypeStruct((4096, 512), jnp.float32),
+    "stacked": jax.ShapeDtypeStruct((4, 512, 1024), jnp.float32),
+    "vector": jax.ShapeDtypeStruct((512,), jnp.float32),
+  }
+  param_bytes = sum(s.size * 4 for s in jax.tree.leaves(shapes))
+  fused = adafactor_jax.adafactor(learning_rate=1e-2)
+  assert _temp_bytes(fused, shapes) <= 0.02 * param_bytes
+  bf16_momentum = adafactor_jax.adafactor(1e-2, momentum=0.9, momentum_dtype=jnp.bfloat16)
+  assert _temp_bytes(bf16_momentum, shapes) <= 0.02 * param_bytes
+  # What the fusion avoids: chained, the clip reads U twice and XLA stores it.
+  chained = optax.chain(
+    scale_by_factored_rms(),
+    adafactor_jax.clip_by_update_rms(1.0),
+    optax.scale(-1e-2),
+  )
+  assert _temp_bytes(chained, shapes) >= 4096 * 512 * 4
