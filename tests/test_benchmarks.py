@@ -1,0 +1,164 @@
+"""The benchmark suite: tree sizes, the compiled step's memory and state, and a smoke run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import adafactor_jax
+from benchmarks import run, trees
+
+KNOWN_PARAMS = {  # Published counts (HF t5-small, GPT-2 small, ViT-B/16 with a 1000-class head).
+  "t5_small": 60_506_624,
+  "gpt2_124m": 124_439_808,
+  "vit_b16": 86_567_656,
+  "stacked": 124_439_808,
+}
+
+
+@pytest.mark.parametrize("name", list(KNOWN_PARAMS))
+def test_tree_sizes(name):
+  shapes = trees.TREES[name]()
+  count = trees.param_count(shapes)
+  assert count == pytest.approx(KNOWN_PARAMS[name], rel=0.02)
+  assert trees.tree_bytes(shapes) == 4 * count
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes))
+
+
+def test_tree_shapes():
+  t5, gpt2, vit, stacked = (trees.TREES[n]() for n in KNOWN_PARAMS)
+  assert t5["shared"]["embedding"].shape == (32128, 512)
+  assert t5["encoder"]["relative_attention_bias"]["embedding"].shape == (32, 8)
+  assert t5["decoder"]["block_5"]["cross_attention"]["o"]["kernel"].shape == (512, 512)
+  assert t5["encoder"]["block_0"]["mlp"]["wi"]["kernel"].shape == (512, 2048)
+  assert "cross_attention" not in t5["encoder"]["block_0"]
+  assert gpt2["wte"]["embedding"].shape == (50257, 768)
+  assert gpt2["h"]["11"]["attn"]["c_attn"]["kernel"].shape == (768, 2304)
+  assert vit["embedding"]["kernel"].shape == (16, 16, 3, 768)
+  assert vit["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 197, 768)
+  attention = vit["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]
+  assert attention["query"]["kernel"].shape == (768, 12, 64)
+  assert attention["out"]["kernel"].shape == (12, 64, 768)
+  assert stacked["h"]["mlp"]["c_fc"]["kernel"].shape == (12, 768, 3072)
+  assert stacked["h"]["ln_1"]["scale"].shape == (12, 768)
+
+
+def test_sweep_spans_1m_to_500m():
+  counts = [trees.param_count(trees.sweep_tree(*dims)) for dims in trees.SWEEP]
+  assert counts == sorted(counts)
+  assert 0.5e6 <= counts[0] <= 2e6
+  assert 400e6 <= counts[-1] <= 520e6
+
+
+def factored_bytes(shape: tuple[int, ...], min_dim: int = 128) -> int:
+  """Bytes of Adafactor's float32 statistics for one parameter, by the default rule.
+
+  Factored (rank >= 2, second largest dim >= min_dim): a row and a column statistic
+  over the two largest dims (ties to the later axis), every other axis a batch axis.
+  """
+  n = math.prod(shape)
+  if len(shape) >= 2:
+    *_, row, col = sorted(range(len(shape)), key=lambda i: (shape[i], i))
+    if shape[row] >= min_dim:
+      return 4 * (n // shape[col] + n // shape[row])
+  return 4 * n
+
+
+def state_overhead(shapes) -> int:
+  """Bytes of adafactor_jax.adafactor(1e-2)'s state beyond the statistics (no allocation)."""
+  state = jax.eval_shape(adafactor_jax.adafactor(1e-2).init, shapes)
+  expected = sum(factored_bytes(x.shape) for x in jax.tree.leaves(shapes))
+  return trees.tree_bytes(state) - expected
+
+
+@pytest.mark.parametrize("name", list(KNOWN_PARAMS))
+def test_state_is_the_factored_statistics(name):
+  assert 0 <= state_overhead(trees.TREES[name]()) <= 64
+
+
+def test_state_overhead_does_not_grow_with_leaves():
+  def tree(n):
+    return {f"w{i}": jax.ShapeDtypeStruct((256, 192), jnp.float32) for i in range(n)} | {
+      f"b{i}": jax.ShapeDtypeStruct((192,), jnp.float32) for i in range(n)
+    }
+
+  assert state_overhead(tree(5)) == state_overhead(tree(50))
+
+
+@pytest.mark.parametrize("name", list(KNOWN_PARAMS))
+def test_temp_bytes_at_most_2_percent_of_params(name):
+  shapes = trees.TREES[name]()
+  compiled = run.compile_step(adafactor_jax.adafactor(1e-2), shapes)
+  temp = run.temp_bytes(compiled)
+  if temp is None:
+    pytest.skip("this backend has no memory analysis")
+  assert temp <= 0.02 * trees.tree_bytes(shapes), f"{temp / trees.tree_bytes(shapes):.1%}"
+
+
+def check_figures(figures: dict, n_params: int) -> None:
+  """Every column of one optimizer's row is there (all references were measured)."""
+  assert figures["median_ms"] > 0
+  assert figures["ms_per_mparam"] == pytest.approx(figures["median_ms"] / (n_params / 1e6))
+  for column in run.RATIOS:
+    assert figures[column] > 0, column
+  assert figures["state_bytes"] >= 0
+  assert len(figures["times_ms"]) >= 1
+
+
+def test_smoke_run_writes_every_column(tmp_path, capsys):
+  run.main(
+    ["--trees", "tiny", "--no-sweep", "--rounds", "1", "--steps-per-round", "2"]
+    + ["--out", str(tmp_path)]
+  )
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert (tmp_path / "benchmark.png").stat().st_size > 0
+  assert "### tiny" in capsys.readouterr().out
+  for key in ("date", "device_kind", "platform", "cpu", "jax", "optax"):
+    assert results["environment"][key]
+  tiny = results["trees"]["tiny"]
+  assert tiny["params"] == trees.param_count(trees.EXTRA_TREES["tiny"]())
+  columns = list(run.OPTIMIZERS) + ([run.TORCH] if run.torch_note() is None else [])
+  assert list(tiny["optimizers"]) == columns
+  if run.torch_note() is not None:
+    assert run.torch_note() in results["notes"]
+  for name, figures in tiny["optimizers"].items():
+    check_figures(figures, tiny["params"])
+    if name != run.TORCH:
+      assert figures["temp_bytes"] >= 0
+      assert figures["temp_pct_of_params"] == pytest.approx(
+        100 * figures["temp_bytes"] / tiny["param_bytes"]
+      )
+  assert tiny["optimizers"]["sgd"]["x_sgd"] == 1.0
+  assert tiny["optimizers"]["sgd"]["state_bytes"] == 0
+  shapes = trees.EXTRA_TREES["tiny"]()
+  state = jax.eval_shape(adafactor_jax.adafactor(1e-2).init, shapes)
+  assert tiny["optimizers"]["adafactor_jax"]["state_bytes"] == trees.tree_bytes(state)
+
+
+def test_smoke_sweep(tmp_path, capsys):
+  results = run.main(
+    ["--trees", "tiny", "--optimizers", "adafactor_jax,sgd", "--sweep-max-params", "2e6"]
+    + ["--rounds", "1", "--sweep-rounds", "1", "--steps-per-round", "1", "--out", str(tmp_path)]
+  )
+  assert "### scaling sweep" in capsys.readouterr().out
+  (entry,) = results["sweep"]
+  assert entry["params"] <= 2e6
+  assert list(entry["optimizers"]) == ["adafactor_jax", "sgd"]
+  for figures in entry["optimizers"].values():
+    assert figures["ms_per_mparam"] > 0
+  assert any("--sweep-max-params" in note for note in results["notes"])
+  assert (
+    json.loads((tmp_path / "results.json").read_text())["sweep"][0]["params"] == entry["params"]
+  )
+  assert (tmp_path / "benchmark.png").stat().st_size > 0
+
+
+def test_unknown_names_are_refused(tmp_path):
+  with pytest.raises(SystemExit):
+    run.main(["--trees", "gpt3", "--out", str(tmp_path)])
+  with pytest.raises(SystemExit):
+    run.main(["--optimizers", "lion", "--out", str(tmp_path)])
