@@ -143,7 +143,8 @@ def adafactor(
      :math:`M \leftarrow \beta_1 M + (1-\beta_1) U` of the update *after* steps
      1–4, i.e. of the clipped, step-size-scaled update, with no bias
      correction, stored in ``momentum_dtype`` (as optax and T5X; HF #34506),
-     with float32 arithmetic (:func:`adafactor_jax.ema_momentum`);
+     with float32 arithmetic; :math:`U \leftarrow M` as stored
+     (:func:`adafactor_jax.ema_momentum`);
   6. decoupled weight decay, if set: :math:`U + \lambda X` for the parameters
      ``weight_decay_mask`` selects; :math:`\lambda` is *not* multiplied by the
      step size (as optax and T5X: :math:`X (1 - \lambda)`);

@@ -73,8 +73,8 @@ def ema_momentum(
       updates,
       state.momentum,
     )
-    # The barrier keeps XLA from fusing the computation of M_t into the update
-    # as well, which would read the old buffer after its in-place overwrite.
+    # Without the barrier XLA recomputes M_t inside the parameter update too,
+    # which reads the old buffer again and so needs a copy of it.
     stored = jax.lax.optimization_barrier(jax.tree.map(lambda n: n.astype(momentum_dtype), new))
     updates = jax.tree.map(lambda m, u: m.astype(u.dtype), stored, updates)
     return updates, EmaMomentumState(stored)
