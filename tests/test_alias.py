@@ -184,3 +184,23 @@ def test_relative_step_differs_from_optax_lr_none():
   for leaf in ("kernel", "conv"):
     ratio = np.linalg.norm(theirs[leaf] - params[leaf]) / np.linalg.norm(ours[leaf] - params[leaf])
     np.testing.assert_allclose(ratio, 100.0, rtol=1e-3)
+
+
+def test_a_chain_of_the_pieces_is_adafactor():
+  """The README's own chain equals adafactor() to float32 rounding, step after step."""
+  keys = iter(jax.random.split(jax.random.key(5), 16))
+  params = {"w": jax.random.normal(next(keys), (256, 192)), "b": jnp.zeros(192)}
+  chain = optax.chain(
+    adafactor_jax.scale_by_factored_rms(clipping_threshold=1.0),
+    optax.scale_by_learning_rate(adafactor_jax.relative_step_size()),
+    adafactor_jax.scale_by_parameter_scale(1e-3),
+  )
+  ours, theirs = params, params
+  ours_state, theirs_state = adafactor_jax.adafactor().init(params), chain.init(params)
+  for _ in range(4):
+    grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
+    updates, ours_state = adafactor_jax.adafactor().update(grads, ours_state, ours)
+    ours = optax.apply_updates(ours, updates)
+    updates, theirs_state = chain.update(grads, theirs_state, theirs)
+    theirs = optax.apply_updates(theirs, updates)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), ours, theirs)
