@@ -192,10 +192,11 @@ def precondition(grad, v_row, v_col, v, beta2, epsilon1, *, mean_square: bool) -
   col_factor = jax.lax.rsqrt(v_col)
   g_rows = jnp.square(g_rows.astype(jnp.float32))
   if mean_square:
-    # Row means of G² and of G² c² in one pass, along a leading axis of size 2.
-    weights = jnp.stack([jnp.ones_like(v_col), jnp.square(col_factor)])
-    row_means = jnp.mean(g_rows[None] * weights, [a + 1 for a in cols], keepdims=True)
-    row_mean, weighted_row_mean = row_means[0], row_means[1]
+    # Row means of G² and of G² c² in one pass, along a trailing axis of size 2
+    # (a leading one measured 3-7% slower on XLA:CPU).
+    weights = jnp.stack([jnp.ones_like(v_col), jnp.square(col_factor)], -1)
+    row_means = jnp.mean(g_rows[..., None] * weights, cols, keepdims=True)
+    row_mean, weighted_row_mean = row_means[..., 0], row_means[..., 1]
   else:
     row_mean = jnp.mean(g_rows, cols, keepdims=True)
   v_row = beta2 * v_row + (1 - beta2) * (row_mean + epsilon1)
