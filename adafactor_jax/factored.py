@@ -136,7 +136,7 @@ def _factored_axes(v_row: jax.Array, v_col: jax.Array):
   return rows, cols
 
 
-def saturating_cast(x: jax.Array, dtype) -> jax.Array:
+def _saturating_cast(x: jax.Array, dtype) -> jax.Array:
   """x in dtype, saturating at its largest finite value rather than overflowing.
 
   G/sqrt(V̂) can exceed float16's range before clipping brings it back; as inf it
@@ -148,8 +148,8 @@ def saturating_cast(x: jax.Array, dtype) -> jax.Array:
   return jnp.clip(x, -largest, largest).astype(dtype)
 
 
-class Preconditioned(NamedTuple):
-  r"""One parameter's step of :func:`precondition`.
+class _Preconditioned(NamedTuple):
+  r"""One parameter's step of :func:`_precondition`.
 
   :math:`U = G / \sqrt{\hat V}` is ``grad * factors[0] * factors[1]`` in
   float32, left unevaluated so that each consumer fuses it into its own loop.
@@ -162,7 +162,7 @@ class Preconditioned(NamedTuple):
   mean_square: jax.Array | None  # mean(U²), when asked for.
 
 
-def precondition(grad, v_row, v_col, v, beta2, epsilon1, *, mean_square: bool) -> Preconditioned:
+def _precondition(grad, v_row, v_col, v, beta2, epsilon1, *, mean_square: bool) -> _Preconditioned:
   """One parameter's new statistics and the factors of G / sqrt(V̂).
 
   Factored when ``v`` is None, with ``v_row`` and ``v_col`` as in
@@ -183,7 +183,7 @@ def precondition(grad, v_row, v_col, v, beta2, epsilon1, *, mean_square: bool) -
     if mean_square:
       g_msq, v_msq = jax.lax.optimization_barrier((grad, v))
       msq = jnp.mean(jnp.square(g_msq.astype(jnp.float32)) / v_msq)
-    return Preconditioned(None, None, v, (factor, jnp.ones([], jnp.float32)), msq)
+    return _Preconditioned(None, None, v, (factor, jnp.ones([], jnp.float32)), msq)
 
   rows, cols = _factored_axes(v_row, v_col)
   g_rows, g_cols = jax.lax.optimization_barrier((grad, grad))
@@ -206,7 +206,7 @@ def precondition(grad, v_row, v_col, v, beta2, epsilon1, *, mean_square: bool) -
   msq = None
   if mean_square:
     msq = jnp.mean(jnp.square(row_factor) * weighted_row_mean)
-  return Preconditioned(v_row, v_col, None, (row_factor, col_factor), msq)
+  return _Preconditioned(v_row, v_col, None, (row_factor, col_factor), msq)
 
 
 def scale_by_factored_rms(
@@ -355,16 +355,16 @@ def scale_by_factored_rms(
     )
     beta2 = beta2_schedule(state.count)
     outputs = [
-      precondition(g, r, c, v, beta2, epsilon1, mean_square=clip)
+      _precondition(g, r, c, v, beta2, epsilon1, mean_square=clip)
       for g, r, c, v in zip(grads, v_rows, v_cols, vs, strict=True)
     ]
 
-    def scaled(grad, out: Preconditioned):
+    def scaled(grad, out: _Preconditioned):
       row_factor, col_factor = out.factors
       if clip:
         # Folded into a small factor: no extra multiply per element.
         col_factor = col_factor / jnp.maximum(1.0, jnp.sqrt(out.mean_square) / clipping_threshold)
-      return saturating_cast(grad.astype(jnp.float32) * row_factor * col_factor, grad.dtype)
+      return _saturating_cast(grad.astype(jnp.float32) * row_factor * col_factor, grad.dtype)
 
     new_updates = [scaled(g, out) for g, out in zip(grads, outputs, strict=True)]
     v_row, v_col, v = (
