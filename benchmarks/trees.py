@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Tree = dict[str, Any]
 
@@ -175,15 +174,6 @@ def sweep_tree(d_model: int, n_layers: int, vocab: int) -> Tree:
   return gpt2(vocab=vocab, n_ctx=1024, d_model=d_model, n_layers=n_layers)
 
 
-def _arrays(tree: Any) -> list[Any]:
-  return [x for x in jax.tree.leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype")]
-
-
 def param_count(tree: Any) -> int:
   """The number of elements over a tree's array (or ShapeDtypeStruct) leaves."""
-  return sum(math.prod(x.shape) for x in _arrays(tree))
-
-
-def tree_bytes(tree: Any) -> int:
-  """The bytes over a tree's array (or ShapeDtypeStruct) leaves; other leaves count 0."""
-  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in _arrays(tree))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
