@@ -95,7 +95,7 @@ def adafactor_chain(
     learning_rate = relative_step_size(warmup_init, relative_max_step_size)
   chain.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
   if multiply_by_parameter_scale:
-    chain.append(scale_by_parameter_scale(epsilon2))
+    chain.append(scale_by_parameter_scale(epsilon2, factor_dims))
   if momentum is not None:
     chain.append(ema_momentum(momentum, momentum_dtype))
   if weight_decay_step is not None and not weight_decay_scaled_by_step:
@@ -122,6 +122,7 @@ def adafactor(
   factored: bool = True,
   min_dim_size_to_factor: int = 128,
   skip_nonfinite: bool = False,
+  factor_dims: FactorDimsFn | FactorRules | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Adafactor optimizer, with the defaults of the paper's Algorithm 6.
 
@@ -182,6 +183,11 @@ def adafactor(
     factored: factor the second moment of parameters of rank >= 2.
     min_dim_size_to_factor: factor only when the second largest dimension is
       at least this (>= 1).
+    factor_dims: overrides the default choice of factored axes per parameter
+      (see :func:`scale_by_factored_rms`), e.g.
+      :func:`adafactor_jax.logical_factor_dims` to choose them by Flax logical
+      axis names. Batch axes it declares (scanned layers) get statistics,
+      clipping and parameter scale per slice.
     skip_nonfinite: if True, a step whose gradients hold a NaN or an Inf leaves
       the parameters and the whole state bit-identical and counts the step in
       ``state.skipped_steps`` (:func:`adafactor_jax.skip_nonfinite`). If False
@@ -212,4 +218,5 @@ def adafactor(
     factored=factored,
     min_dim_size_to_factor=min_dim_size_to_factor,
     skip_nonfinite=skip_nonfinite,
+    factor_dims=factor_dims,
   )

@@ -2,25 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from adafactor_jax import _checks
+from adafactor_jax.factored import FactorDimsFn, FactorRules, _rules_fn, _slice_axes
 
 
-def rms(x: jax.Array) -> jax.Array:
-  """sqrt(mean(x²)) in float32, whatever the dtype of x."""
-  return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
+def rms(x: jax.Array, axes: Sequence[int] | None = None) -> jax.Array:
+  """sqrt(mean(x²)) in float32 over ``axes`` (all), kept as size-1 axes."""
+  return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axes, keepdims=axes is not None))
 
 
-def clip_by_update_rms(clipping_threshold: float = 1.0) -> optax.GradientTransformation:
+def per_slice_rms(factor_dims: FactorDimsFn | None, updates: optax.Updates) -> optax.Updates:
+  """The RMS of each leaf of ``updates``, per slice along its batch axes."""
+
+  def one(path, x):
+    name = _checks.path_name(path)
+    return rms(x, _slice_axes(factor_dims, name, jnp.shape(x)))
+
+  return jax.tree_util.tree_map_with_path(one, updates)
+
+
+def clip_by_update_rms(
+  clipping_threshold: float = 1.0,
+  factor_dims: FactorDimsFn | FactorRules | None = None,
+) -> optax.GradientTransformation:
   r"""Clips each parameter's update to an RMS of at most ``clipping_threshold``.
 
   .. math::
     \hat U_t = U_t / \max\big(1, \mathrm{RMS}(U_t) / d\big),
 
-  the RMS taken over the whole parameter, in float32. With :math:`d = 1` and
+  the RMS taken over the whole parameter (over each slice along the batch
+  axes that ``factor_dims`` declares, e.g. each of a stack of scanned layers),
+  in float32. With :math:`d = 1` and
   the factored second moment, this keeps updates bounded when the second-moment
   estimate is stale (slow decay without warmup). The same math as
   ``optax.clip_by_block_rms``, plus validation and float32 arithmetic for
@@ -28,6 +46,8 @@ def clip_by_update_rms(clipping_threshold: float = 1.0) -> optax.GradientTransfo
 
   Args:
     clipping_threshold: the threshold :math:`d > 0` (paper: 1.0).
+    factor_dims: the choice given to :func:`adafactor_jax.scale_by_factored_rms`;
+      only the batch axes of its :class:`adafactor_jax.FactorAxes` are used.
 
   Returns:
     An `optax.GradientTransformation` with no state.
@@ -37,14 +57,15 @@ def clip_by_update_rms(clipping_threshold: float = 1.0) -> optax.GradientTransfo
     Cost <https://arxiv.org/abs/1804.04235>`_, 2018, Section 6.
   """
   _checks.check_scalar("clipping_threshold", clipping_threshold, low=0.0, low_open=True)
+  user_choice = _rules_fn(factor_dims)
 
   def update_fn(updates, state, params=None):
     del params
 
-    def clip(update):
-      denominator = jnp.maximum(1.0, rms(update) / clipping_threshold)
+    def clip(update, update_rms):
+      denominator = jnp.maximum(1.0, update_rms / clipping_threshold)
       return (update.astype(jnp.float32) / denominator).astype(update.dtype)
 
-    return jax.tree.map(clip, updates), state
+    return jax.tree.map(clip, updates, per_slice_rms(user_choice, updates)), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)

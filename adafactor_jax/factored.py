@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,29 @@ import optax
 
 from adafactor_jax import _checks, schedules
 
-FactorDims = Optional[tuple[int, int]]  # noqa: UP045 (a runtime alias on 3.10)
-"""(row_axis, col_axis) to factor over, or None for a full second moment."""
+
+class FactorAxes(NamedTuple):
+  """One parameter's axes by their role in the statistics, clipping and scale.
+
+  ``row`` and ``col`` are the axes of the factored second moment: :math:`R`
+  keeps the row axes and averages over the column axes, :math:`C` the
+  converse (a (d_in, d_out) weight: ``row=(0,), col=(1,)``). Several axes may
+  share a role (an attention kernel (embed, heads, head_dim): ``row=(0,),
+  col=(1, 2)``). Both empty means a full second moment.
+
+  ``batch`` axes index independent parameters stored in one array (scanned
+  layers, experts): each slice gets statistics of its own, its own update
+  RMS clipping and its own parameter scale. Any other axis keeps a statistic
+  per element and is averaged over by clipping and the parameter scale.
+  """
+
+  row: tuple[int, ...] = ()
+  col: tuple[int, ...] = ()
+  batch: tuple[int, ...] = ()
+
+
+FactorDims = Optional[Union[tuple[int, int], FactorAxes]]  # noqa: UP007, UP045 (runtime alias)
+"""(row_axis, col_axis), a :class:`FactorAxes`, or None for a full second moment."""
 
 FactorDimsFn = Callable[[str, tuple[int, ...]], FactorDims]
 """Chooses the factored axes from a parameter's path ('a/b/kernel') and shape."""
@@ -64,23 +86,34 @@ def default_factor_dims(shape: Sequence[int], min_dim_size_to_factor: int = 128)
   return min(first, second), max(first, second)
 
 
-def _normalize_dims(dims, path: str, shape: tuple[int, ...]) -> FactorDims:
+def _normalize_dims(dims, path: str, shape: tuple[int, ...]) -> FactorAxes | None:
+  """`dims` as a FactorAxes of non-negative, sorted axes; None for no choice."""
   if dims is None:
     return None
+  rank = len(shape)
   try:
-    row, col = (int(axis) for axis in dims)
+    if isinstance(dims, FactorAxes):
+      row, col, batch = (tuple(map(operator.index, axes)) for axes in dims)
+    else:
+      row, col = ((operator.index(axis),) for axis in dims)
+      batch = ()
   except (TypeError, ValueError):
     raise ValueError(
       f"The factored axes for parameter '{path}' must be a pair of ints "
-      f"(row_axis, col_axis) or None, got {dims!r}."
+      f"(row_axis, col_axis), a FactorAxes of int tuples, or None; got {dims!r}."
     ) from None
-  rank = len(shape)
-  if not (-rank <= row < rank and -rank <= col < rank) or row % rank == col % rank:
+  axes = row + col + batch
+  if any(not -rank <= axis < rank for axis in axes) or len({a % rank for a in axes}) < len(axes):
     raise ValueError(
       f"The factored axes {dims!r} for parameter '{path}' of shape {shape} "
-      "must be two different axes of it."
+      f"must be {'' if isinstance(dims, FactorAxes) else 'two '}different axes of it."
     )
-  return row % rank, col % rank
+  if bool(row) != bool(col):
+    raise ValueError(
+      f"The factored axes {dims!r} for parameter '{path}' need row and column "
+      "axes both, or neither for a full second moment."
+    )
+  return FactorAxes(*(tuple(sorted(a % rank for a in part)) for part in (row, col, batch)))
 
 
 def _rules_fn(factor_dims: FactorDimsFn | FactorRules | None) -> FactorDimsFn | None:
@@ -115,13 +148,29 @@ def _rules_fn(factor_dims: FactorDimsFn | FactorRules | None) -> FactorDimsFn | 
 _DEFAULT = object()  # A rule's answer for "no rule matched: use the default".
 
 
-class _Choice:
-  """One parameter's factored axes (or None), opaque to pytree functions."""
+def _slice_axes(user_choice: FactorDimsFn | None, name: str, shape) -> tuple[int, ...]:
+  """The axes that clipping and the parameter scale average over, for a param.
 
-  __slots__ = ("dims",)
+  All axes but the batch axes that the user's choice declares (see
+  :class:`FactorAxes`): each slice along those is its own parameter.
+  """
+  shape = tuple(shape)
+  dims = None if user_choice is None else user_choice(name, shape)
+  dims = None if dims is _DEFAULT else _normalize_dims(dims, name, shape)
+  batch = () if dims is None else dims.batch
+  return tuple(axis for axis in range(len(shape)) if axis not in batch)
 
-  def __init__(self, dims: FactorDims):
-    self.dims = dims
+
+class _Statistics:
+  """One parameter's (v_row, v_col, v), opaque to pytree functions."""
+
+  __slots__ = ("arrays",)
+
+  def __init__(self, *arrays):
+    self.arrays = arrays
+
+  def __getitem__(self, i):
+    return self.arrays[i]
 
 
 def _factored_axes(v_row: jax.Array, v_col: jax.Array):
@@ -159,15 +208,18 @@ class _Preconditioned(NamedTuple):
   v_col: jax.Array | None
   v: jax.Array | None
   factors: tuple[jax.Array, jax.Array]
-  mean_square: jax.Array | None  # mean(U²), when asked for.
+  mean_square: jax.Array | None  # mean(U²) over the asked axes, kept as size 1.
 
 
-def _precondition(grad, v_row, v_col, v, beta2, epsilon1, *, mean_square: bool) -> _Preconditioned:
+def _precondition(
+  grad, v_row, v_col, v, beta2, epsilon1, *, mean_square_axes: tuple[int, ...] | None
+) -> _Preconditioned:
   """One parameter's new statistics and the factors of G / sqrt(V̂).
 
   Factored when ``v`` is None, with ``v_row`` and ``v_col`` as in
   :class:`ScaleByFactoredRmsState`; otherwise ``v`` is the full second moment.
-  With ``mean_square``, also mean(U²) for update clipping.
+  Unless ``mean_square_axes`` is None, also mean(U²) over those axes, for
+  update clipping.
 
   Written for memory traffic, the cost of this step: XLA fuses a reduction with
   the elementwise work that feeds it, but when two reductions share G² it
@@ -180,9 +232,9 @@ def _precondition(grad, v_row, v_col, v, beta2, epsilon1, *, mean_square: bool) 
     v = beta2 * v + (1 - beta2) * (jnp.square(g32) + epsilon1)
     factor = jax.lax.rsqrt(v)
     msq = None
-    if mean_square:
+    if mean_square_axes is not None:
       g_msq, v_msq = jax.lax.optimization_barrier((grad, v))
-      msq = jnp.mean(jnp.square(g_msq.astype(jnp.float32)) / v_msq)
+      msq = jnp.mean(jnp.square(g_msq.astype(jnp.float32)) / v_msq, mean_square_axes, keepdims=True)
     return _Preconditioned(None, None, v, (factor, jnp.ones([], jnp.float32)), msq)
 
   rows, cols = _factored_axes(v_row, v_col)
@@ -191,7 +243,7 @@ def _precondition(grad, v_row, v_col, v, beta2, epsilon1, *, mean_square: bool) 
   v_col = beta2 * v_col + (1 - beta2) * (col_mean + epsilon1)
   col_factor = jax.lax.rsqrt(v_col)
   g_rows = jnp.square(g_rows.astype(jnp.float32))
-  if mean_square:
+  if mean_square_axes is not None:
     # Row means of G² and of G² c² in one pass, along a trailing axis of size 2
     # (a leading one measured 3-7% slower on XLA:CPU).
     weights = jnp.stack([jnp.ones_like(v_col), jnp.square(col_factor)], -1)
@@ -204,8 +256,8 @@ def _precondition(grad, v_row, v_col, v, beta2, epsilon1, *, mean_square: bool) 
   row_ratio = v_row / jnp.mean(v_row, rows, keepdims=True)
   row_factor = jax.lax.rsqrt(jnp.maximum(row_ratio, _TINY))
   msq = None
-  if mean_square:
-    msq = jnp.mean(jnp.square(row_factor) * weighted_row_mean)
+  if mean_square_axes is not None:
+    msq = jnp.mean(jnp.square(row_factor) * weighted_row_mean, mean_square_axes, keepdims=True)
   return _Preconditioned(v_row, v_col, None, (row_factor, col_factor), msq)
 
 
@@ -291,6 +343,15 @@ def scale_by_factored_rms(
   user_choice = _rules_fn(factor_dims)
   beta2_schedule = schedules.decay_rate_pow(decay_rate, decay_offset, beta2_cap)
 
+  def choose(name: str, shape: tuple[int, ...], min_dim: int) -> FactorAxes | None:
+    dims = _DEFAULT if user_choice is None else user_choice(name, shape)
+    if dims is _DEFAULT:
+      dims = default_factor_dims(shape, min_dim)
+    dims = _normalize_dims(dims, name, shape)
+    if dims is not None and not factored:
+      return dims._replace(row=(), col=())
+    return dims
+
   def init_fn(params):
     min_dim = _checks.concrete_value(min_dim_size_to_factor)
     if min_dim is None:
@@ -300,38 +361,23 @@ def scale_by_factored_rms(
         "pass static_args=('min_dim_size_to_factor',)."
       )
 
-    def choose(path, param) -> FactorDims:
-      shape = tuple(np.shape(param))
-      if not factored:
-        return None
-      name = _checks.path_name(path)
-      dims = _DEFAULT if user_choice is None else user_choice(name, shape)
-      if dims is _DEFAULT:
-        return default_factor_dims(shape, int(min_dim))
-      return _normalize_dims(dims, name, shape)
+    def statistics(path, param):
+      dims = choose(_checks.path_name(path), tuple(np.shape(param)), int(min_dim))
+      if dims is None or not dims.row:
+        return _Statistics(None, None, _checks.zeros_like_param(param))
+      return _Statistics(
+        _checks.zeros_like_param(param, reduced_axes=dims.col),
+        _checks.zeros_like_param(param, reduced_axes=dims.row),
+        None,
+      )
 
-    # Each choice is wrapped in an object that pytrees treat as a leaf, so the
-    # choices line up with the params whatever containers (tuples, MaskedNode)
-    # the tree holds.
-    choices = jax.tree_util.tree_map_with_path(lambda p, x: _Choice(choose(p, x)), params)
-
-    def statistic(make):
-      return jax.tree.map(lambda c, p: make(c.dims, np.shape(p)), choices, params)
-
-    def keepdims_zeros(reduced: int):
-      def make(dims, shape):
-        if dims is None:
-          return None
-        shape = tuple(1 if i == dims[reduced] else n for i, n in enumerate(shape))
-        return jnp.zeros(shape, jnp.float32)
-
-      return make
-
+    # Each parameter's statistics are wrapped in an object that pytrees treat
+    # as a leaf, so that they line up with the params whatever containers
+    # (tuples, MaskedNode) the tree holds.
+    per_param = jax.tree_util.tree_map_with_path(statistics, params)
     return ScaleByFactoredRmsState(
-      count=jnp.zeros([], jnp.int32),
-      v_row=statistic(keepdims_zeros(1)),
-      v_col=statistic(keepdims_zeros(0)),
-      v=statistic(lambda dims, shape: jnp.zeros(shape, jnp.float32) if dims is None else None),
+      jnp.zeros([], jnp.int32),
+      *(jax.tree.map(lambda s, i=i: s[i], per_param) for i in range(3)),
     )
 
   def update_fn(updates, state, params=None):
@@ -354,9 +400,16 @@ def scale_by_factored_rms(
       treedef.flatten_up_to(tree) for tree in (state.v_row, state.v_col, state.v)
     )
     beta2 = beta2_schedule(state.count)
+    if clip:
+      msq_axes = [
+        _slice_axes(user_choice, _checks.path_name(path), jnp.shape(g))
+        for path, g in jax.tree_util.tree_leaves_with_path(updates)
+      ]
+    else:
+      msq_axes = [None] * len(grads)
     outputs = [
-      _precondition(g, r, c, v, beta2, epsilon1, mean_square=clip)
-      for g, r, c, v in zip(grads, v_rows, v_cols, vs, strict=True)
+      _precondition(g, r, c, v, beta2, epsilon1, mean_square_axes=axes)
+      for g, r, c, v, axes in zip(grads, v_rows, v_cols, vs, msq_axes, strict=True)
     ]
 
     def scaled(grad, out: _Preconditioned):

@@ -7,22 +7,29 @@ import jax.numpy as jnp
 import optax
 
 from adafactor_jax import _checks
-from adafactor_jax.clipping import rms
+from adafactor_jax.clipping import per_slice_rms
+from adafactor_jax.factored import FactorDimsFn, FactorRules, _rules_fn
 
 
-def scale_by_parameter_scale(epsilon2: float = 1e-3) -> optax.GradientTransformation:
+def scale_by_parameter_scale(
+  epsilon2: float = 1e-3,
+  factor_dims: FactorDimsFn | FactorRules | None = None,
+) -> optax.GradientTransformation:
   r"""Multiplies each parameter's update by the parameter's own scale.
 
   .. math::
     U_t \leftarrow U_t \cdot \max\big(\epsilon_2, \mathrm{RMS}(X_{t-1})\big),
 
-  the RMS over the whole parameter, in float32. Chained after a relative step
-  size :math:`\rho_t` it gives the paper's absolute step
+  the RMS over the whole parameter (over each slice along the batch axes that
+  ``factor_dims`` declares, e.g. each of a stack of scanned layers), in
+  float32. Chained after a relative step size :math:`\rho_t` it gives the paper's absolute step
   :math:`\alpha_t = \max(\epsilon_2, \mathrm{RMS}(X_{t-1}))\,\rho_t`; ``epsilon2``
   lets parameters that start at zero move.
 
   Args:
     epsilon2: the lower bound :math:`\epsilon_2 \ge 0` on the scale (paper: 1e-3).
+    factor_dims: the choice given to :func:`adafactor_jax.scale_by_factored_rms`;
+      only the batch axes of its :class:`adafactor_jax.FactorAxes` are used.
 
   Returns:
     An `optax.GradientTransformation` with no state; its update needs ``params``.
@@ -32,6 +39,7 @@ def scale_by_parameter_scale(epsilon2: float = 1e-3) -> optax.GradientTransforma
     Cost <https://arxiv.org/abs/1804.04235>`_, 2018, Section 8.
   """
   _checks.check_scalar("epsilon2", epsilon2, low=0.0)
+  user_choice = _rules_fn(factor_dims)
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -40,10 +48,10 @@ def scale_by_parameter_scale(epsilon2: float = 1e-3) -> optax.GradientTransforma
       )
     _checks.check_tree_matches(updates, params)
 
-    def scale(update, param):
-      factor = jnp.maximum(epsilon2, rms(param))
+    def scale(update, param_rms):
+      factor = jnp.maximum(epsilon2, param_rms)
       return (update.astype(jnp.float32) * factor).astype(update.dtype)
 
-    return jax.tree.map(scale, updates, params), state
+    return jax.tree.map(scale, updates, per_slice_rms(user_choice, params)), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)

@@ -167,6 +167,7 @@ def test_signature_is_exactly_the_documented_one():
     "factored": True,
     "min_dim_size_to_factor": 128,
     "skip_nonfinite": False,
+    "factor_dims": None,
   }
   signature = inspect.signature(adafactor_jax.adafactor)
   assert list(signature.parameters) == list(expected)
