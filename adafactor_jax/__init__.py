@@ -4,6 +4,7 @@ from adafactor_jax import presets, schedules
 from adafactor_jax.alias import adafactor
 from adafactor_jax.clipping import clip_by_update_rms
 from adafactor_jax.factored import (
+  FactorAxes,
   ScaleByFactoredRmsState,
   default_factor_dims,
   scale_by_factored_rms,
@@ -12,11 +13,14 @@ from adafactor_jax.momentum import EmaMomentumState, ema_momentum
 from adafactor_jax.nonfinite import SkipNonfiniteState, skip_nonfinite
 from adafactor_jax.scaling import scale_by_parameter_scale
 from adafactor_jax.schedules import decay_rate_pow, relative_step_size
+from adafactor_jax.sharding import STANDARD_FACTOR_RULES, logical_factor_dims, state_shardings
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "STANDARD_FACTOR_RULES",
   "EmaMomentumState",
+  "FactorAxes",
   "ScaleByFactoredRmsState",
   "SkipNonfiniteState",
   "adafactor",
@@ -24,10 +28,12 @@ __all__ = [
   "decay_rate_pow",
   "default_factor_dims",
   "ema_momentum",
+  "logical_factor_dims",
   "presets",
   "relative_step_size",
   "scale_by_factored_rms",
   "scale_by_parameter_scale",
   "schedules",
   "skip_nonfinite",
+  "state_shardings",
 ]

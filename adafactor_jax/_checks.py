@@ -1,4 +1,4 @@
-"""Validation shared by the transformations: hyperparameters and tree shapes."""
+"""Shared by the transformations: validation of hyperparameters and trees, state zeros."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -81,12 +82,15 @@ def path_name(path: jax.tree_util.KeyPath) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
 
 
-def check_tree_matches(updates: Any, reference: Any, *, what: str = "gradient") -> None:
+def check_tree_matches(
+  updates: Any, reference: Any, *, what: str = "gradient", shapes: bool = True
+) -> None:
   """Raises ValueError naming the parameter path where the trees differ.
 
   `reference` holds the parameters, or anything with their shapes (arrays,
   ShapeDtypeStructs). Called at trace time: it costs nothing in the compiled
-  step.
+  step. With ``shapes=False`` only the structures are compared (a tree of
+  shardings against the params).
   """
   update_leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
   reference_leaves = jax.tree_util.tree_flatten_with_path(reference)[0]
@@ -107,10 +111,27 @@ def check_tree_matches(updates: Any, reference: Any, *, what: str = "gradient") 
       f"(container types differ): {jax.tree.structure(updates)} vs "
       f"{jax.tree.structure(reference)}."
     )
-  for path, leaf in update_paths.items():
+  for path, leaf in update_paths.items() if shapes else ():
     expected = tuple(np.shape(reference_paths[path]))
     if tuple(np.shape(leaf)) != expected:
       raise ValueError(
         f"The {what} for parameter '{path}' has shape {tuple(np.shape(leaf))}, "
         f"but the parameter has shape {expected}."
       )
+
+
+def zeros_like_param(param: Any, dtype: Any = jnp.float32, reduced_axes: tuple[int, ...] = ()):
+  """Zeros of the parameter's shape, size 1 on ``reduced_axes``, sharded like it.
+
+  Computed from the parameter, not made by ``jnp.zeros``, so that state
+  follows the parameter's sharding: under ``jax.jit`` by propagation (Auto
+  mesh axes) or by type (Explicit ones), with the reduced axes replicated;
+  eagerly, as each op's output. ``jnp.zeros`` would put the whole state on one
+  device. min(|x|, 0) is 0 for every x that ``nan_to_num`` leaves; XLA does not
+  fold it to a constant (which would drop the sharding), and it runs once, in
+  ``init``.
+  """
+  zeros = jnp.minimum(jnp.abs(jnp.nan_to_num(jnp.asarray(param, jnp.float32))), 0.0)
+  if reduced_axes:
+    zeros = jnp.sum(zeros, reduced_axes, keepdims=True)
+  return zeros.astype(dtype)

@@ -64,7 +64,9 @@ def ema_momentum(
   momentum_dtype = momentum_dtype_or_error(momentum_dtype)
 
   def init_fn(params):
-    return EmaMomentumState(jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), momentum_dtype), params))
+    return EmaMomentumState(
+      jax.tree.map(lambda p: _checks.zeros_like_param(p, momentum_dtype), params)
+    )
 
   def update_fn(updates, state, params=None):
     del params
