@@ -1,10 +1,32 @@
-"""A small decoder-only Transformer language model in Flax NNX."""
+"""A small decoder-only Transformer language model in Flax NNX.
+
+Every parameter carries T5X-style logical axis names ('vocab', 'embed', 'mlp',
+'joined_kv') as nnx sharding metadata, read by ``nnx.get_partition_spec``: a
+mesh maps them to device axes (``adafactor_jax.train_sharded``) and
+``adafactor_jax.logical_factor_dims`` to factored axes. The metadata does not
+shard anything by itself (``eager_sharding=False``), so the model builds
+without a mesh.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+
+def _named(init, *names):
+  return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def _linear(d_in: int, d_out: int, names: tuple[str, str], dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  init = _named(nnx.initializers.lecun_normal(), *names)
+  return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, param_dtype=dtype, rngs=rngs)
+
+
+def _norm(d_model: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  init = _named(nnx.initializers.ones, "embed")
+  return nnx.LayerNorm(d_model, use_bias=False, scale_init=init, param_dtype=dtype, rngs=rngs)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -17,8 +39,8 @@ class CausalSelfAttention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, dtype, *, rngs: nnx.Rngs):
     self.num_heads = num_heads
-    self.qkv = nnx.Linear(d_model, 3 * d_model, use_bias=False, param_dtype=dtype, rngs=rngs)
-    self.out = nnx.Linear(d_model, d_model, use_bias=False, param_dtype=dtype, rngs=rngs)
+    self.qkv = _linear(d_model, 3 * d_model, ("embed", "joined_kv"), dtype, rngs)
+    self.out = _linear(d_model, d_model, ("joined_kv", "embed"), dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     *batch, length, d_model = x.shape
@@ -32,11 +54,11 @@ class Block(nnx.Module):
   """Pre-LayerNorm causal self-attention and MLP, without biases."""
 
   def __init__(self, d_model: int, num_heads: int, mlp_dim: int, dtype, *, rngs: nnx.Rngs):
-    self.attention_norm = nnx.LayerNorm(d_model, use_bias=False, param_dtype=dtype, rngs=rngs)
+    self.attention_norm = _norm(d_model, dtype, rngs)
     self.attention = CausalSelfAttention(d_model, num_heads, dtype, rngs=rngs)
-    self.mlp_norm = nnx.LayerNorm(d_model, use_bias=False, param_dtype=dtype, rngs=rngs)
-    self.mlp_in = nnx.Linear(d_model, mlp_dim, use_bias=False, param_dtype=dtype, rngs=rngs)
-    self.mlp_out = nnx.Linear(mlp_dim, d_model, use_bias=False, param_dtype=dtype, rngs=rngs)
+    self.mlp_norm = _norm(d_model, dtype, rngs)
+    self.mlp_in = _linear(d_model, mlp_dim, ("embed", "mlp"), dtype, rngs)
+    self.mlp_out = _linear(mlp_dim, d_model, ("mlp", "embed"), dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + self.attention(self.attention_norm(x))
@@ -65,12 +87,22 @@ class TransformerLM(nnx.Module):
     rngs: nnx.Rngs,
   ):
     init = nnx.initializers.normal(stddev=embed_init_scale)
-    self.embed = nnx.Embed(vocab_size, d_model, embedding_init=init, param_dtype=dtype, rngs=rngs)
-    self.position = nnx.Param(init(rngs.params(), (seq_len, d_model), dtype))
+    self.embed = nnx.Embed(
+      vocab_size,
+      d_model,
+      embedding_init=_named(init, "vocab", "embed"),
+      param_dtype=dtype,
+      rngs=rngs,
+    )
+    self.position = nnx.Param(
+      init(rngs.params(), (seq_len, d_model), dtype),
+      out_sharding=(None, "embed"),
+      eager_sharding=False,
+    )
     self.blocks = nnx.List(
       [Block(d_model, num_heads, mlp_dim, dtype, rngs=rngs) for _ in range(num_layers)]
     )
-    self.final_norm = nnx.LayerNorm(d_model, use_bias=False, param_dtype=dtype, rngs=rngs)
+    self.final_norm = _norm(d_model, dtype, rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     x = self.embed(tokens) + self.position[: tokens.shape[-1]]

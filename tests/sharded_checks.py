@@ -1,0 +1,140 @@
+"""Runs adafactor on 8 simulated CPU devices and reports what it observed, as JSON.
+
+Started in a subprocess by tests/test_sharding.py, because the device count
+must be set before jax is imported; the assertions are made there. For each
+mesh (2x4, 8x1), axis type (Auto, Explicit) and parameter layout (replicated
+for data parallelism, sharded for model parallelism) it records the
+shardings of ``jax.jit(tx.init)(params)`` and of ``state_shardings``, the
+first device's bytes, the collectives of the compiled update, and the
+largest difference from the same steps on one device.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import adafactor_jax  # noqa: E402
+from adafactor_jax.train_sharded import collectives, per_device_bytes  # noqa: E402
+
+SHAPES = {
+  "kernel": (256, 512),
+  "stacked": (4, 256, 384),
+  "attention": (256, 4, 64),
+  "bias": (512,),
+  "narrow": (512, 16),  # 16 < 128: a full second moment
+  "scalar": (),
+}
+AXES = {
+  "kernel": ("embed", "mlp"),
+  "stacked": ("layers", "embed", "mlp"),
+  "attention": ("embed", "heads", "kv"),
+  "bias": ("mlp",),
+  "narrow": ("mlp", None),
+  "scalar": None,
+}
+LAYOUTS = {
+  "replicated": {name: P() for name in SHAPES},
+  "model": {
+    "kernel": P("data", "model"),
+    "stacked": P(None, "data", "model"),
+    "attention": P("data", "model", None),
+    "bias": P("model"),
+    "narrow": P("model", None),
+    "scalar": P(),
+  },
+}
+STEPS = 3
+
+
+def spec_list(sharding) -> list:
+  """A NamedSharding's spec as a JSON list, trailing Nones dropped."""
+  spec = [list(e) if isinstance(e, tuple) else e for e in sharding.spec]
+  while spec and spec[-1] is None:
+    spec.pop()
+  return spec
+
+
+def named_leaves(tree) -> dict:
+  return {
+    jax.tree_util.keystr(path, simple=True, separator="/"): x
+    for path, x in jax.tree_util.tree_leaves_with_path(tree)
+  }
+
+
+def check(mesh_shape, axis_type, layout) -> dict:
+  mesh = jax.make_mesh(mesh_shape, ("data", "model"), axis_types=(axis_type,) * 2)
+  rng = np.random.default_rng(0)
+  host = {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
+  grads = [
+    {k: (10.0**-i * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
+    for i in range(STEPS)
+  ]
+  shardings = {k: NamedSharding(mesh, LAYOUTS[layout][k]) for k in SHAPES}
+  tx = adafactor_jax.adafactor(
+    1e-2, momentum=0.9, factor_dims=adafactor_jax.logical_factor_dims(AXES)
+  )
+
+  def step(params, state, grad):
+    updates, state = tx.update(grad, state, params)
+    return optax.apply_updates(params, updates), state
+
+  # The single-device run, on device 0 of the same process.
+  params, state = host, tx.init(host)
+  for g in grads:
+    params, state = jax.jit(step)(params, state, g)
+  expected = jax.device_get(params)
+
+  params = jax.device_put(host, shardings)
+  with jax.set_mesh(mesh):
+    state = jax.jit(tx.init)(params)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
+    predicted = adafactor_jax.state_shardings(tx, abstract, shardings)
+    compiled = jax.jit(step).lower(params, state, jax.device_put(grads[0], shardings)).compile()
+    update_hlo = (
+      jax.jit(lambda s, g, p: tx.update(g, s, p)).lower(state, params, params).compile().as_text()
+    )
+    init_state = state
+    for g in grads:
+      params, state = compiled(params, state, jax.device_put(g, shardings))
+  got = jax.device_get(params)
+  return {
+    "init": {k: spec_list(x.sharding) for k, x in named_leaves(init_state).items()},
+    "predicted": {k: spec_list(s) for k, s in named_leaves(predicted).items()},
+    "after_steps": {k: spec_list(x.sharding) for k, x in named_leaves(state).items()},
+    "shapes": {k: list(x.shape) for k, x in named_leaves(init_state).items()},
+    "state_bytes_device0": per_device_bytes(init_state),
+    "collectives": collectives(update_hlo),
+    "max_relative_error": max(
+      float(np.max(np.abs(got[k] - expected[k])) / max(np.max(np.abs(expected[k])), 1e-30))
+      for k in SHAPES
+    ),
+  }
+
+
+def main() -> None:
+  results = {}
+  for mesh_shape in ((2, 4), (8, 1)):
+    for axis_type in (AxisType.Auto, AxisType.Explicit):
+      for layout in LAYOUTS:
+        key = f"{mesh_shape[0]}x{mesh_shape[1]}-{axis_type.name.lower()}-{layout}"
+        try:
+          results[key] = check(mesh_shape, axis_type, layout)
+        except Exception:  # noqa: BLE001 (reported to the test, which fails on it)
+          results[key] = {"error": traceback.format_exc()}
+  json.dump(results, sys.stdout)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,337 @@
+"""Logical factor rules, per-layer statistics, and state that follows sharded params."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import adafactor_jax
+from adafactor_jax import FactorAxes, logical_factor_dims
+from tests.conftest import run_optax
+from tests.reference import Options, Reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# --------------------------------------------------------------------------- the rules
+
+
+@pytest.mark.parametrize(
+  "names, shape, expected",
+  [
+    (("embed", "mlp"), (256, 512), FactorAxes((0,), (1,))),
+    (("mlp", "embed"), (512, 256), FactorAxes((1,), (0,))),
+    (("vocab", "embed"), (1000, 256), FactorAxes((1,), (0,))),
+    (("embed", "heads", "kv"), (256, 4, 64), FactorAxes((0,), (1, 2))),
+    (("layers", "embed", "mlp"), (4, 256, 512), FactorAxes((1,), (2,), (0,))),
+    (("expert", "embed", "mlp"), (8, 256, 512), FactorAxes((1,), (2,), (0,))),
+    (("stack", "embed"), (4, 256), FactorAxes((), (), (0,))),
+    # Too small to factor (16 < 128): a full second moment, batch axes kept.
+    (("layers", "embed", "mlp"), (4, 16, 512), FactorAxes((), (), (0,))),
+    # No row or no column axis named: the default choice on the non-batch axes.
+    (("layers", None, None), (4, 256, 384), FactorAxes((1,), (2,), (0,))),
+    (("embed", "unknown_name", "x"), (128, 3, 160), FactorAxes((0,), (2,))),
+    (("a", "b", "c", "d"), (3, 3, 128, 160), FactorAxes((2,), (3,))),
+    (("embed",), (256,), FactorAxes()),
+  ],
+)
+def test_standard_rules_choose_axes(names, shape, expected):
+  choose = logical_factor_dims({"w": P(*names)})
+  assert choose("w", shape) == expected
+
+
+def test_params_without_names_take_the_default_choice_whatever_the_rank():
+  choose = logical_factor_dims({"conv": None, "stacked": None})
+  assert choose("conv", (3, 3, 128, 160)) == (2, 3)  # T5X raises here (#243)
+  assert choose("stacked", (4, 256, 384)) == (1, 2)
+
+
+def test_user_rules_extend_and_override_the_standard_table():
+  axes = {"conv": ("h", "w", "in", "out"), "kernel": ("embed", "mlp")}
+  choose = logical_factor_dims(axes, rules={"in": "row", "out": "col", "mlp": "batch"})
+  assert choose("conv", (3, 3, 128, 160)) == FactorAxes((2,), (3,))
+  # 'mlp' is now a batch axis; no column axis is left, so the rest is default.
+  assert choose("kernel", (256, 512)) == FactorAxes((), (), (1,))
+  assert adafactor_jax.STANDARD_FACTOR_RULES["mlp"] == "col"  # the table is not changed
+
+
+@pytest.mark.parametrize(
+  "kwargs, fragment",
+  [
+    ({"rules": {"mlp": "column"}}, r"rules\['mlp'\] must be one of"),
+    ({"rules": [("mlp", "col")]}, "rules must be a mapping"),
+    ({"min_dim_size_to_factor": 0}, "min_dim_size_to_factor"),
+  ],
+)
+def test_bad_rules_are_refused_at_construction(kwargs, fragment):
+  with pytest.raises(ValueError, match=fragment):
+    logical_factor_dims({"w": P("embed", "mlp")}, **kwargs)
+
+
+def test_bad_axis_names_name_the_parameter():
+  with pytest.raises(ValueError, match="'w' is a ndarray, not logical axis names"):
+    logical_factor_dims({"w": np.zeros((2, 2))})
+  choose = logical_factor_dims({"w": P("embed", "mlp")})
+  with pytest.raises(ValueError, match="no axis names for parameter 'other'"):
+    choose("other", (4, 4))
+  with pytest.raises(ValueError, match="'w' of shape \\(4, 4, 4\\) has 2 logical axis names"):
+    choose("w", (4, 4, 4))
+  tx = adafactor_jax.adafactor(factor_dims=choose)
+  with pytest.raises(ValueError, match="parameter 'b'"):
+    tx.init({"w": jnp.zeros((256, 256)), "b": jnp.zeros(3)})
+
+
+def _tiny_lm():
+  from adafactor_jax.model import TransformerLM
+
+  return TransformerLM(256, 16, 128, 2, 4, 256, rngs=nnx.Rngs(0))
+
+
+def test_nnx_metadata_gives_the_names_with_or_without_get_partition_spec():
+  params = nnx.state(_tiny_lm(), nnx.Param)
+  from_specs = logical_factor_dims(nnx.get_partition_spec(params))
+  from_variables = logical_factor_dims(params)
+  tx_a = adafactor_jax.adafactor(factor_dims=from_specs)
+  tx_b = adafactor_jax.adafactor(factor_dims=from_variables)
+  shapes_a = jax.tree.map(jnp.shape, tx_a.init(params))
+  assert shapes_a == jax.tree.map(jnp.shape, tx_b.init(params))
+  state = tx_a.init(params)[0]
+  # ('embed', 'mlp') and ('mlp', 'embed'): R keeps the embed axis either way.
+  assert state.v_row["blocks"][0]["mlp_in"]["kernel"][...].shape == (128, 1)
+  assert state.v_row["blocks"][0]["mlp_out"]["kernel"][...].shape == (1, 128)
+  assert from_specs("blocks/0/mlp_out/kernel/value", (256, 128)) == FactorAxes((1,), (0,))
+
+
+def test_linen_partitioned_boxes_give_the_names():
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+      return nn.Dense(512, kernel_init=init, use_bias=False)(x)
+
+  boxed = Model().init(jax.random.key(0), jnp.zeros((1, 256)))["params"]
+  for axes in (boxed, nn.get_partition_spec(boxed)):
+    choose = logical_factor_dims(axes)
+    assert choose("Dense_0/kernel", (256, 512)) == FactorAxes((0,), (1,))
+  state = adafactor_jax.adafactor(factor_dims=logical_factor_dims(boxed)).init(nn.unbox(boxed))
+  assert state[0].v_row["Dense_0"]["kernel"].shape == (256, 1)
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+def _reference_run(params, grads_list, **options):
+  reference = Reference(Options(**options), params)
+  for grads in grads_list:
+    reference.step(grads)
+  return reference.params
+
+
+def test_stacked_layers_get_statistics_clipping_and_scale_per_layer():
+  """Each layer of a (layers, embed, mlp) stack moves as if it were alone."""
+  rng = np.random.default_rng(0)
+  layer_scales = np.array([1e-3, 1e-1, 3.0])[:, None, None]  # different per layer
+  stacked = (layer_scales * rng.standard_normal((3, 160, 144))).astype(np.float32)
+  grads_list = [
+    {"s": (layer_scales[::-1] * rng.standard_normal((3, 160, 144))).astype(np.float32)}
+    for _ in range(4)
+  ]
+  choose = logical_factor_dims({"s": ("layers", "embed", "mlp")})
+  options = {"momentum": 0.9, "clipping_threshold": 1.0}
+  tx = adafactor_jax.adafactor(factor_dims=choose, **options)
+  got = run_optax(tx, {"s": stacked}, grads_list)[0]["s"]
+  expected = _reference_run(
+    {f"s{i}": stacked[i] for i in range(3)},
+    [{f"s{i}": g["s"][i] for i in range(3)} for g in grads_list],
+    factor_axes=lambda shape: (0, 1),
+    **options,
+  )
+  expected = np.stack([expected[f"s{i}"] for i in range(3)])
+  np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-7)
+  # Without the 'layers' name, one clip and one scale span the stack.
+  whole = run_optax(adafactor_jax.adafactor(**options), {"s": stacked}, grads_list)[0]["s"]
+  assert np.max(np.abs(whole - expected)) > 100 * np.max(np.abs(got - expected))
+
+
+def test_several_column_axes_factor_like_the_joined_matrix():
+  """An (embed, heads, kv) kernel factors as the (embed, heads * kv) matrix."""
+  rng = np.random.default_rng(1)
+  kernel = (0.05 * rng.standard_normal((160, 4, 36))).astype(np.float32)
+  grads_list = [{"k": rng.standard_normal((160, 4, 36)).astype(np.float32)} for _ in range(3)]
+  choose = logical_factor_dims({"k": ("embed", "heads", "kv")})
+  got = run_optax(adafactor_jax.adafactor(factor_dims=choose), {"k": kernel}, grads_list)[0]["k"]
+  expected = _reference_run(
+    {"k": kernel.reshape(160, 144)},
+    [{"k": g["k"].reshape(160, 144)} for g in grads_list],
+    factor_axes=lambda shape: (0, 1),
+  )["k"]
+  np.testing.assert_allclose(got.reshape(160, 144), expected, rtol=2e-5, atol=1e-7)
+  state = adafactor_jax.adafactor(factor_dims=choose).init({"k": kernel})[0]
+  assert state.v_row["k"].shape == (160, 1, 1) and state.v_col["k"].shape == (1, 4, 36)
+
+
+def test_standalone_clip_and_scale_work_per_slice():
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((3, 8, 5)).astype(np.float32) * np.array([1e-4, 1.0, 50.0])[:, None, None]
+  choose = lambda path, shape: FactorAxes(batch=(0,))  # noqa: E731
+  clipped, _ = adafactor_jax.clip_by_update_rms(1.0, factor_dims=choose).update({"x": x}, None)
+  slice_rms = np.sqrt(np.mean(np.square(x.astype(np.float64)), axis=(1, 2), keepdims=True))
+  np.testing.assert_allclose(clipped["x"], x / np.maximum(1.0, slice_rms), rtol=1e-6)
+  scale = adafactor_jax.scale_by_parameter_scale(1e-3, factor_dims=choose)
+  scaled, _ = scale.update({"x": np.ones_like(x)}, None, {"x": x})
+  np.testing.assert_allclose(
+    scaled["x"], np.broadcast_to(np.maximum(1e-3, slice_rms), x.shape), 1e-6
+  )
+
+
+# --------------------------------------------------------------------------- state_shardings
+
+
+def test_state_shardings_refuses_what_is_not_a_sharding():
+  tx = adafactor_jax.adafactor()
+  params = {"w": jnp.zeros((256, 256))}
+  with pytest.raises(ValueError, match="param_shardings at 'w' must be a jax.sharding.Sharding"):
+    adafactor_jax.state_shardings(tx, params, {"w": P("data")})
+  with pytest.raises(ValueError, match="no param_shardings for parameter"):
+    adafactor_jax.state_shardings(tx, params, {"v": jax.devices()[0]})
+
+
+def test_state_shardings_on_one_device_place_everything_there():
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  params = {"w": jax.ShapeDtypeStruct((256, 512), jnp.float32), "b": jnp.zeros(3)}
+  tx = adafactor_jax.adafactor(momentum=0.9)
+  shardings = adafactor_jax.state_shardings(tx, params, {"w": device, "b": device})
+  assert jax.tree.structure(shardings) == jax.tree.structure(jax.eval_shape(tx.init, params))
+  assert all(s.device_set == {jax.devices()[0]} for s in jax.tree.leaves(shardings))
+
+
+# --------------------------------------------------------------------------- 8 simulated devices
+
+
+@pytest.fixture(scope="module")
+def on_eight_devices():
+  """tests/sharded_checks.py's observations, one subprocess for all cases."""
+  result = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "tests", "sharded_checks.py")],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout)
+
+
+CASES = [
+  f"{mesh}-{kind}-{layout}"
+  for mesh in ("2x4", "8x1")
+  for kind in ("auto", "explicit")
+  for layout in ("replicated", "model")
+]
+
+
+def _case(results, case):
+  observed = results[case]
+  assert "error" not in observed, observed.get("error")
+  return observed
+
+
+def _param_name(state_key: str) -> str:
+  return state_key.rsplit("/", 1)[-1]
+
+
+def _mesh_sizes(case: str) -> dict:
+  rows, cols = (int(n) for n in case.split("-")[0].split("x"))
+  return {"data": rows, "model": cols, None: 1}
+
+
+def _canonical(spec: list, mesh_sizes: dict) -> list:
+  """The spec with mesh axes of size 1 (no sharding at all) as None, trailing Nones dropped."""
+  spec = [s if mesh_sizes[s] > 1 else None for s in spec]
+  while spec and spec[-1] is None:
+    spec.pop()
+  return spec
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_state_follows_the_params_shardings(on_eight_devices, case):
+  from tests.sharded_checks import LAYOUTS, SHAPES
+
+  observed = _case(on_eight_devices, case)
+  layout = LAYOUTS[case.rsplit("-", 1)[-1]]
+  for key, spec in observed["init"].items():
+    if key.endswith("count"):
+      assert spec == [], key
+      continue
+    name = _param_name(key)
+    param_spec, param_shape = list(layout[name]), SHAPES[name]
+    shape = observed["shapes"][key]
+    # Like the parameter, with each averaged (size-1) axis replicated.
+    expected = [
+      s if shape[i] == param_shape[i] else None
+      for i, s in enumerate(param_spec + [None] * (len(param_shape) - len(param_spec)))
+    ]
+    mesh_sizes = _mesh_sizes(case)
+    assert _canonical(spec, mesh_sizes) == _canonical(expected, mesh_sizes), (key, spec, expected)
+  assert observed["predicted"] == observed["init"]
+  assert observed["after_steps"] == observed["init"]
+  # The factored statistics exist, per layer for the stack, joint over heads x kv.
+  assert observed["shapes"]["0/v_row/stacked"] == [4, 256, 1]
+  assert observed["shapes"]["0/v_col/attention"] == [1, 4, 64]
+  assert "0/v/narrow" in observed["init"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_per_device_state_bytes_are_what_the_shardings_imply(on_eight_devices, case):
+  observed = _case(on_eight_devices, case)
+  mesh_sizes = _mesh_sizes(case)
+  expected = sum(
+    4 * math.prod(-(-n // mesh_sizes[s]) for n, s in zip(shape, padded, strict=True))
+    for key, shape in observed["shapes"].items()
+    for spec in [observed["init"][key]]
+    for padded in [spec + [None] * (len(shape) - len(spec))]
+  )
+  assert observed["state_bytes_device0"] == expected
+  if case.endswith("model"):
+    total = sum(4 * math.prod(shape) for shape in observed["shapes"].values())
+    assert observed["state_bytes_device0"] < total / 2
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_steps_equal_the_single_device_steps(on_eight_devices, case):
+  assert _case(on_eight_devices, case)["max_relative_error"] <= 1e-6
+
+
+def _elements(result_type: str) -> list[int]:
+  return [
+    math.prod(int(n) for n in dims.split(",") if n)
+    for dims in re.findall(r"\[([\d,]*)\]", result_type)
+  ]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_update_communicates_statistics_and_scalars_only(on_eight_devices, case):
+  from tests.sharded_checks import SHAPES
+
+  observed = _case(on_eight_devices, case)
+  ops = {op for op, _ in observed["collectives"]}
+  if case.endswith("replicated"):
+    assert ops == set()
+    return
+  assert ops == {"all-reduce"}, observed["collectives"]
+  largest = max(n for _, result in observed["collectives"] for n in _elements(result))
+  # The smallest matrix's shard on one device (256 x 512 / 8) is far larger
+  # than any all-reduced value (row statistics with their weighted pair).
+  smallest_shard = math.prod(SHAPES["kernel"]) // 8
+  assert largest <= 2 * 4 * 256 < smallest_shard
