@@ -57,12 +57,12 @@ def t5x(
   (:math:`\\epsilon_2 = 10^{-3}`), decay 0.8, clipping 1.0, min dim 128,
   float32 statistics, momentum off, weight decay :math:`X(1 - \\lambda)`.
 
-  Differences from T5X: T5X chooses factored axes by logical axis rules and
-  fails on rank > 2 parameters without one (t5x #243); here
-  ``factor_dims`` (see :func:`adafactor_jax.scale_by_factored_rms`) or the
-  default two-largest choice decides. T5X clips per non-batch slice and has
-  ``max_parameter_scale``; here clipping and the parameter scale are per
-  parameter and unbounded.
+  For T5X's logical axis rules pass
+  ``factor_dims=adafactor_jax.logical_factor_dims(param_axes)``: batch axes
+  ('layers') then get their own clipping and parameter scale, as in T5X.
+  Differences from T5X: a rank > 2 parameter without a rule takes the default
+  two-largest choice where T5X fails (t5x #243); there is no
+  ``max_parameter_scale``.
   """
   return adafactor_chain(
     learning_rate=schedules.rsqrt_decay() if learning_rate is None else learning_rate,
