@@ -80,3 +80,27 @@ def test_paper_findings(tmp_path, monkeypatch):
   assert len(verdicts) == 10, text
   assert re.search(r"\d+ of 10 claims reproduced after 4 steps\.", text), text
   assert images == 1, text  # the eval-loss panels, shown after the job switched backends
+
+
+def test_sharded(tmp_path, monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)  # the notebook's first cell asks for 8 devices
+  text, images = _execute("sharded", tmp_path, monkeypatch)
+  assert re.search(r"^8 devices: ", text, re.MULTILINE), text
+  assert re.search(r"^blocks/0/mlp_in/kernel +P\('embed', 'mlp'\)$", text, re.MULTILINE), text
+  # The 128x512 kernel is sharded ('data', 'model'); its row statistic over 'data' only and its
+  # column statistic over 'model' only: the averaged axis replicated.
+  spec = r"P(?:artitionSpec)?"
+  assert re.search(rf"kernel: \(128, 512\), sharded {spec}\('data', 'model'\)$", text, re.M), text
+  row = rf"^opt_state/0/v_row/blocks/0/mlp_in/kernel +\(128, 1\) +{spec}\('data',(?: None)?\)$"
+  col = rf"^opt_state/0/v_col/blocks/0/mlp_in/kernel +\(1, 512\) +{spec}\(None, 'model'\)$"
+  assert re.search(row, text, re.MULTILINE), text
+  assert re.search(col, text, re.MULTILINE), text
+  sizes = re.search(r"^optimizer state: ([\d,]+) of ([\d,]+) bytes on one device$", text, re.M)
+  here, total = (int(n.replace(",", "")) for n in sizes.groups())
+  assert 0 < here < total / 2, text
+  assert re.search(r"^state_shardings: \d+ shardings, equal to opt_state's$", text, re.M), text
+  losses = [float(x) for x in re.findall(r"^step +\d+  loss (\d+\.\d+)$", text, re.MULTILINE)]
+  assert len(losses) == 3 and losses[-1] < losses[0], text
+  collectives = re.search(r"^collectives: Counter\((.*)\)$", text, re.MULTILINE).group(1)
+  assert "'all-reduce'" in collectives and "all-gather" not in collectives, text
+  assert images == 0, text
