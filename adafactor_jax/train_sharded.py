@@ -39,6 +39,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import adafactor_jax
 from adafactor_jax import input_pipeline, train
+from adafactor_jax._checks import path_name
 
 LOGICAL_AXIS_RULES = (
   ("batch", "data"),
@@ -145,18 +146,16 @@ def run(mesh_shape: tuple[int, int], num_steps: int) -> dict[str, Any]:
   gathered = multihost_utils.process_allgather(params, tiled=True)
   return {
     "losses": losses,
-    "params": {train_path: np.asarray(x) for train_path, x in _named_leaves(gathered)},
+    "params": named_leaves(jax.tree.map(np.asarray, gathered)),
     "param_bytes_per_device": per_device_bytes(params),
     "state_bytes_per_device": per_device_bytes(opt_state),
     "update_collectives": collectives(update_hlo),
   }
 
 
-def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
-  return [
-    (jax.tree_util.keystr(path, simple=True, separator="/"), x)
-    for path, x in jax.tree_util.tree_leaves_with_path(tree)
-  ]
+def named_leaves(tree: Any) -> dict[str, Any]:
+  """A tree's leaves by their '/'-joined paths."""
+  return {path_name(path): x for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def main(argv: list[str] | None = None) -> None:

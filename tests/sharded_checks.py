@@ -26,7 +26,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import adafactor_jax  # noqa: E402
-from adafactor_jax.train_sharded import collectives, per_device_bytes  # noqa: E402
+from adafactor_jax.train_sharded import collectives, named_leaves, per_device_bytes  # noqa: E402
 
 SHAPES = {
   "kernel": (256, 512),
@@ -64,13 +64,6 @@ def spec_list(sharding) -> list:
   while spec and spec[-1] is None:
     spec.pop()
   return spec
-
-
-def named_leaves(tree) -> dict:
-  return {
-    jax.tree_util.keystr(path, simple=True, separator="/"): x
-    for path, x in jax.tree_util.tree_leaves_with_path(tree)
-  }
 
 
 def check(mesh_shape, axis_type, layout) -> dict:
