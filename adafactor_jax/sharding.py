@@ -48,21 +48,24 @@ parameters (scanned layers, experts). See :class:`adafactor_jax.FactorAxes`.
 """
 
 
-def _is_flax_box(x: Any) -> bool:
-  # Duck-typed so that flax stays an optional dependency: nnx.Variable has
-  # get_metadata, linen's nn.Partitioned has names and unbox.
-  return hasattr(x, "get_metadata") or (hasattr(x, "names") and hasattr(x, "unbox"))
+# Duck-typed so that flax stays an optional dependency.
+def _is_nnx_variable(x: Any) -> bool:
+  return hasattr(x, "get_metadata")
+
+
+def _is_linen_box(x: Any) -> bool:  # nn.Partitioned and nn.LogicallyPartitioned
+  return hasattr(x, "names") and hasattr(x, "unbox")
 
 
 def _is_names_leaf(x: Any) -> bool:
-  if x is None or isinstance(x, PartitionSpec) or _is_flax_box(x):
+  if x is None or isinstance(x, PartitionSpec) or _is_nnx_variable(x) or _is_linen_box(x):
     return True
   return isinstance(x, (tuple, list)) and all(n is None or isinstance(n, (str, tuple)) for n in x)
 
 
 def _axis_names(path: str, leaf: Any) -> tuple | None:
   """The logical names of one parameter's axes, or None when it has none."""
-  if hasattr(leaf, "get_metadata"):  # nnx.Variable, or its PartitionSpec from get_partition_spec
+  if _is_nnx_variable(leaf):  # with sharding metadata, or a PartitionSpec from get_partition_spec
     value = leaf.get_value() if hasattr(leaf, "get_value") else None
     if isinstance(value, PartitionSpec) and len(value):
       return tuple(value)
@@ -71,7 +74,7 @@ def _axis_names(path: str, leaf: Any) -> tuple | None:
       if metadata.get(key):
         return tuple(metadata[key])
     return None
-  if hasattr(leaf, "names") and hasattr(leaf, "unbox"):  # linen's nn.Partitioned
+  if _is_linen_box(leaf):
     return tuple(leaf.names)
   if leaf is None:
     return None
