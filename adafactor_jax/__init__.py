@@ -11,6 +11,7 @@ from adafactor_jax.factored import (
 )
 from adafactor_jax.momentum import EmaMomentumState, ema_momentum
 from adafactor_jax.nonfinite import SkipNonfiniteState, skip_nonfinite
+from adafactor_jax.rounding import StochasticRoundingState, stochastic_round, stochastic_rounding
 from adafactor_jax.scaling import scale_by_parameter_scale
 from adafactor_jax.schedules import decay_rate_pow, relative_step_size
 from adafactor_jax.sharding import STANDARD_FACTOR_RULES, logical_factor_dims, state_shardings
@@ -23,6 +24,7 @@ __all__ = [
   "FactorAxes",
   "ScaleByFactoredRmsState",
   "SkipNonfiniteState",
+  "StochasticRoundingState",
   "adafactor",
   "clip_by_update_rms",
   "decay_rate_pow",
@@ -36,4 +38,6 @@ __all__ = [
   "schedules",
   "skip_nonfinite",
   "state_shardings",
+  "stochastic_round",
+  "stochastic_rounding",
 ]

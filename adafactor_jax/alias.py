@@ -10,6 +10,7 @@ from adafactor_jax import _checks
 from adafactor_jax.factored import FactorDimsFn, FactorRules, scale_by_factored_rms
 from adafactor_jax.momentum import FLOAT32, ema_momentum, momentum_dtype_or_error
 from adafactor_jax.nonfinite import skip_nonfinite as skip_nonfinite_steps
+from adafactor_jax.rounding import stochastic_rounding as stochastic_rounding_step
 from adafactor_jax.scaling import scale_by_parameter_scale
 from adafactor_jax.schedules import relative_step_size
 
@@ -33,6 +34,8 @@ def adafactor_chain(
   min_dim_size_to_factor: int,
   skip_nonfinite: bool,
   factor_dims: FactorDimsFn | FactorRules | None = None,
+  stochastic_rounding: bool = False,
+  rounding_seed: int = 0,
   relative_max_step_size: float = 1e-2,
   weight_decay_scaled_by_step: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -73,6 +76,8 @@ def adafactor_chain(
     )
   _checks.check_bool("skip_nonfinite", skip_nonfinite)
   _checks.check_scalar("epsilon2", epsilon2, low=0.0)
+  _checks.check_bool("stochastic_rounding", stochastic_rounding)
+  _checks.check_scalar("rounding_seed", rounding_seed, integer=True)
 
   chain = [
     scale_by_factored_rms(
@@ -101,6 +106,8 @@ def adafactor_chain(
   if weight_decay_step is not None and not weight_decay_scaled_by_step:
     chain.append(weight_decay_step)
   chain.append(optax.scale(-1.0))
+  if stochastic_rounding:
+    chain.append(stochastic_rounding_step(rounding_seed))
   tx = optax.chain(*chain)
   return skip_nonfinite_steps(tx) if skip_nonfinite else tx
 
@@ -123,6 +130,8 @@ def adafactor(
   min_dim_size_to_factor: int = 128,
   skip_nonfinite: bool = False,
   factor_dims: FactorDimsFn | FactorRules | None = None,
+  stochastic_rounding: bool = False,
+  rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Adafactor optimizer, with the defaults of the paper's Algorithm 6.
 
@@ -150,7 +159,10 @@ def adafactor(
      ``weight_decay_mask`` selects; :math:`\lambda` is *not* multiplied by the
      step size (as optax and T5X: :math:`X (1 - \lambda)`);
   7. negated, so that ``optax.apply_updates`` descends:
-     :math:`X_t = X_{t-1} - \alpha_t \hat U_t`.
+     :math:`X_t = X_{t-1} - \alpha_t \hat U_t`;
+  8. if ``stochastic_rounding``, adjusted so that bfloat16 and float16
+     parameters land on :math:`X_t` rounded stochastically rather than to
+     nearest (:func:`adafactor_jax.stochastic_rounding`).
 
   With ``learning_rate`` a float, the numerics equal ``optax.adafactor`` with
   the same arguments, for float32 parameters and momentum. Unlike
@@ -193,6 +205,12 @@ def adafactor(
       ``state.skipped_steps`` (:func:`adafactor_jax.skip_nonfinite`). If False
       (the default), non-finite gradients propagate into the parameters and
       statistics as they would in optax.
+    stochastic_rounding: round bfloat16 and float16 parameters stochastically
+      (unbiased) when the update is applied, instead of to nearest, which
+      drops updates under half a unit in the last place. Float32 parameters
+      are unaffected. Adds a PRNG key to the state.
+    rounding_seed: the integer seed of that key; the rounding is a pure
+      function of the seed and the step.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -219,4 +237,6 @@ def adafactor(
     min_dim_size_to_factor=min_dim_size_to_factor,
     skip_nonfinite=skip_nonfinite,
     factor_dims=factor_dims,
+    stochastic_rounding=stochastic_rounding,
+    rounding_seed=rounding_seed,
   )

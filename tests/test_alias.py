@@ -168,6 +168,8 @@ def test_signature_is_exactly_the_documented_one():
     "min_dim_size_to_factor": 128,
     "skip_nonfinite": False,
     "factor_dims": None,
+    "stochastic_rounding": False,
+    "rounding_seed": 0,
   }
   signature = inspect.signature(adafactor_jax.adafactor)
   assert list(signature.parameters) == list(expected)

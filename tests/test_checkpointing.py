@@ -107,6 +107,8 @@ CONFIGS = {
   "defaults": ({}, jnp.float32),
   "momentum_bf16": ({"momentum": 0.9, "momentum_dtype": jnp.bfloat16}, jnp.bfloat16),
   "skip_nonfinite": ({"skip_nonfinite": True}, jnp.float32),
+  # The PRNG key in the state must come back too, or the resumed rounding differs.
+  "stochastic_rounding_bf16": ({"stochastic_rounding": True, "rounding_seed": 3}, jnp.bfloat16),
 }
 # Built once: tx is a static argument of _optax_step, one compilation each.
 TXS = {name: adafactor_jax.adafactor(**kwargs) for name, (kwargs, _) in CONFIGS.items()}
@@ -147,6 +149,9 @@ def test_orbax_round_trip_is_bit_exact_and_training_resumes_identically(name, tm
   if skip:
     assert isinstance(state, adafactor_jax.SkipNonfiniteState)
     assert int(state.skipped_steps) == 1
+  if kwargs.get("stochastic_rounding"):
+    (rounding,) = _find(state, adafactor_jax.StochasticRoundingState)
+    assert not np.array_equal(rounding.key, jax.random.PRNGKey(3))
 
   tree = {"params": params, "opt_state": state}
   # As adafactor_jax.train does: a CheckpointManager and StandardSave.
