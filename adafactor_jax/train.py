@@ -10,7 +10,12 @@ workdir receives ``config.json``, ``metrics.jsonl`` (train and eval records),
 ``loss.png``, ``summary.json`` and Orbax checkpoints under ``checkpoints/``.
 Rerunning with the same workdir resumes from the last complete checkpoint; the
 data of step ``t`` depends only on ``(seed, t)``, so the resumed run ends
-exactly where an uninterrupted one would.
+exactly where an uninterrupted one would. SIGTERM or Ctrl-C (SIGINT) stops the
+job after the step in flight, with a checkpoint of it, and exits with 128 plus
+the signal's number (143, 130); a second signal kills at once. A job killed
+outright (SIGKILL, a lost machine) resumes from the last checkpoint whose write
+completed: Orbax writes each into a temporary directory and renames it only
+once complete, and temporary directories are never restored.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -45,6 +52,49 @@ NULLABLE_KEYS = frozenset({"optimizer.clipping_threshold"})
 
 class ConfigError(ValueError):
   """A config or workdir that the job refuses before it touches anything."""
+
+
+class Stopped(Exception):
+  """The job stopped early on a signal, after saving a checkpoint of the last step."""
+
+  def __init__(self, signum: int, step: int):
+    self.signum, self.step = signum, step
+    super().__init__(
+      f"stopped by {signal.Signals(signum).name} after step {step}; a checkpoint of that step "
+      "is saved: rerun the same command to resume."
+    )
+
+
+class _StopOnSignal:
+  """Turns the first SIGTERM or SIGINT into a request to stop after the current step.
+
+  A second signal gets the previous handler (SIGINT raises KeyboardInterrupt,
+  SIGTERM kills the process). Outside the main thread, where Python cannot
+  take signals, nothing is installed.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def _handle(self, signum, frame):
+    self.signum = signum
+    self._restore()
+
+  def _restore(self):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc):
+    self._restore()
 
 
 # --------------------------------------------------------------------------- config
@@ -216,47 +266,56 @@ def create_optimizer(
   """Builds the configured optimizer; invalid settings raise ConfigError naming the key."""
   lr = learning_rate_schedule(opt, num_steps)
   try:
-    if opt.name == "adafactor":
-      return adafactor_jax.adafactor(
-        learning_rate=lr,
-        decay_rate=opt.decay_rate,
-        decay_offset=opt.decay_offset,
-        beta2_cap=opt.beta2_cap,
-        clipping_threshold=opt.clipping_threshold,
-        multiply_by_parameter_scale=opt.multiply_by_parameter_scale,
-        epsilon1=opt.epsilon1,
-        epsilon2=opt.epsilon2,
-        warmup_init=opt.warmup_init,
-        momentum=opt.momentum,
-        momentum_dtype=_dtype("optimizer.momentum_dtype", opt.momentum_dtype),
-        weight_decay=opt.weight_decay,
-        factored=opt.factored,
-        min_dim_size_to_factor=opt.min_dim_size_to_factor,
-        skip_nonfinite=opt.skip_nonfinite,
-      )
-    if opt.name == "big_vision":
-      return adafactor_jax.presets.big_vision(
-        learning_rate=lr,
-        weight_decay=opt.weight_decay,
-        momentum=opt.momentum,
-        momentum_dtype=_dtype("optimizer.momentum_dtype", opt.momentum_dtype),
-        beta2_cap=opt.beta2_cap,
-        min_dim_size_to_factor=opt.min_dim_size_to_factor,
-      )
-    if opt.name == "t5x":
-      return adafactor_jax.presets.t5x(
-        learning_rate=lr, weight_decay=opt.weight_decay, momentum=opt.momentum
-      )
-    if opt.name == "adamw":
-      if lr is None:
-        raise ConfigError("config key 'optimizer.learning_rate' is required for adamw.")
-      return optax.adamw(
-        lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay or 0.0
-      )
+    tx = _create_optimizer(opt, lr)
+    if opt.stochastic_rounding and opt.name != "adafactor":
+      tx = optax.chain(tx, adafactor_jax.stochastic_rounding(opt.rounding_seed))
+    return tx
   except ConfigError:
     raise
   except (ValueError, TypeError) as e:
     raise ConfigError(f"optimizer {opt.name!r}: {e}") from e
+
+
+def _create_optimizer(
+  opt: ml_collections.ConfigDict, lr: optax.ScalarOrSchedule | None
+) -> optax.GradientTransformation:
+  if opt.name == "adafactor":
+    return adafactor_jax.adafactor(
+      learning_rate=lr,
+      decay_rate=opt.decay_rate,
+      decay_offset=opt.decay_offset,
+      beta2_cap=opt.beta2_cap,
+      clipping_threshold=opt.clipping_threshold,
+      multiply_by_parameter_scale=opt.multiply_by_parameter_scale,
+      epsilon1=opt.epsilon1,
+      epsilon2=opt.epsilon2,
+      warmup_init=opt.warmup_init,
+      momentum=opt.momentum,
+      momentum_dtype=_dtype("optimizer.momentum_dtype", opt.momentum_dtype),
+      weight_decay=opt.weight_decay,
+      factored=opt.factored,
+      min_dim_size_to_factor=opt.min_dim_size_to_factor,
+      skip_nonfinite=opt.skip_nonfinite,
+      stochastic_rounding=opt.stochastic_rounding,
+      rounding_seed=opt.rounding_seed,
+    )
+  if opt.name == "big_vision":
+    return adafactor_jax.presets.big_vision(
+      learning_rate=lr,
+      weight_decay=opt.weight_decay,
+      momentum=opt.momentum,
+      momentum_dtype=_dtype("optimizer.momentum_dtype", opt.momentum_dtype),
+      beta2_cap=opt.beta2_cap,
+      min_dim_size_to_factor=opt.min_dim_size_to_factor,
+    )
+  if opt.name == "t5x":
+    return adafactor_jax.presets.t5x(
+      learning_rate=lr, weight_decay=opt.weight_decay, momentum=opt.momentum
+    )
+  if opt.name == "adamw":
+    if lr is None:
+      raise ConfigError("config key 'optimizer.learning_rate' is required for adamw.")
+    return optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay or 0.0)
   raise ConfigError(
     f"config key 'optimizer.name' must be 'adafactor', 'big_vision', 't5x' or 'adamw', got "
     f"{opt.name!r}."
@@ -426,13 +485,24 @@ def train_and_evaluate(
       max_to_keep=config.keep_checkpoints, enable_async_checkpointing=False, create=True
     ),
   )
-  start = 0
+  # The losses of the steps since the last log record: a checkpoint taken
+  # between records (on a signal) keeps them, so the resumed run logs the
+  # same window means as an uninterrupted one.
+  pending_losses = jnp.full((config.log_every,), jnp.nan, jnp.float32)
+  start, window = 0, []
   if manager.latest_step() is not None:
     start = manager.latest_step()
-    target = {"params": params, "opt_state": opt_state}
+    target = {"params": params, "opt_state": opt_state, "pending_losses": pending_losses}
     restored = manager.restore(start, args=ocp.args.StandardRestore(target))
     params, opt_state = restored["params"], restored["opt_state"]
+    window = list(restored["pending_losses"][: start % config.log_every])
   records = work.read_metrics(start)
+
+  def save(step: int) -> None:
+    work.write_metrics(records)
+    pending = pending_losses.at[: len(window)].set(jnp.asarray(window, jnp.float32))
+    tree = {"params": params, "opt_state": opt_state, "pending_losses": pending}
+    manager.save(step, args=ocp.args.StandardSave(tree))
 
   title = f"{config.optimizer.name} on {corpus.num_files} files"
   num_params = sum(x.size for x in jax.tree.leaves(params))
@@ -443,40 +513,46 @@ def train_and_evaluate(
       + f"; workdir {work.path}",
       flush=True,
     )
-  began, window = time.perf_counter(), []
+  began = time.perf_counter()
   bar = tqdm(
     total=config.num_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True
   )
   log = bar.write if progress else lambda _: None
   window_start = time.perf_counter()
-  for step in range(start, config.num_steps):
-    params, opt_state, loss = train_step(params, opt_state, step, train_text, data_key)
-    if window:  # wait for the previous step only: the bar's rate is real, one step stays queued
-      window[-1].block_until_ready()
-      bar.update(1)
-    window.append(loss)
-    done = step + 1
-    if done % config.log_every == 0 or done == config.num_steps:
-      train_loss = float(jnp.mean(jnp.stack(window)))
-      bar.update(1)
-      rate = len(window) / (time.perf_counter() - window_start)
-      records.append({"step": done, "train_loss": train_loss, "steps_per_sec": rate})
-      bar.set_postfix(loss=f"{train_loss:.3f}")
-      window, window_start = [], time.perf_counter()
-      if not math.isfinite(train_loss) and not config.optimizer.skip_nonfinite:
-        log(f"step {done}: train loss is {train_loss}; the run has diverged.")
-    if done % config.eval_every == 0 or done == config.num_steps:
-      eval_loss = float(evaluate(params, eval_text, eval_key))
-      records.append({"step": done, "eval_loss": eval_loss})
-      log(f"step {done}: eval loss {eval_loss:.4f}")
-      plot_losses(records, work.file("loss.png"), title)
-    if done % config.checkpoint_every == 0 or done == config.num_steps:
-      work.write_metrics(records)
-      manager.save(done, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
-      window_start = time.perf_counter()
+  stop, queued = _StopOnSignal(), None
+  with stop:
+    for step in range(start, config.num_steps):
+      params, opt_state, loss = train_step(params, opt_state, step, train_text, data_key)
+      if queued is not None:  # wait for the previous step only: the bar's rate is real
+        queued.block_until_ready()
+        bar.update(1)
+      queued = loss
+      window.append(loss)
+      done = step + 1
+      if done % config.log_every == 0 or done == config.num_steps:
+        train_loss = float(jnp.mean(jnp.stack(window)))
+        bar.update(1)
+        rate = len(window) / (time.perf_counter() - window_start)
+        records.append({"step": done, "train_loss": train_loss, "steps_per_sec": rate})
+        bar.set_postfix(loss=f"{train_loss:.3f}")
+        window, window_start, queued = [], time.perf_counter(), None
+        if not math.isfinite(train_loss) and not config.optimizer.skip_nonfinite:
+          log(f"step {done}: train loss is {train_loss}; the run has diverged.")
+      if done % config.eval_every == 0 or done == config.num_steps:
+        eval_loss = float(evaluate(params, eval_text, eval_key))
+        records.append({"step": done, "eval_loss": eval_loss})
+        log(f"step {done}: eval loss {eval_loss:.4f}")
+        plot_losses(records, work.file("loss.png"), title)
+      if done % config.checkpoint_every == 0 or done == config.num_steps or stop.signum:
+        save(done)
+        window_start = time.perf_counter()
+      if stop.signum:
+        break
   bar.close()
   manager.wait_until_finished()
   manager.close()
+  if stop.signum:
+    raise Stopped(stop.signum, done)
   work.write_metrics(records)
   plot_losses(records, work.file("loss.png"), title)
 
@@ -559,6 +635,9 @@ def main(argv: list[str] | None = None) -> int:
     train_and_evaluate(flag_values.config, flag_values.workdir, flag_values.progress)
   except (ConfigError, input_pipeline.CorpusError) as e:
     return _fail(str(e))
+  except Stopped as e:
+    print(f"adafactor-train: {e}", file=sys.stderr, flush=True)
+    return 128 + e.signum  # the shell's code for death by that signal: the run is not done
   return 0
 
 

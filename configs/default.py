@@ -55,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
   opt.factored = True
   opt.min_dim_size_to_factor = 128
   opt.skip_nonfinite = False
+  opt.stochastic_rounding = False  # round bfloat16/float16 params stochastically, any optimizer
+  opt.rounding_seed = 0
   opt.b1 = 0.9  # adamw only
   opt.b2 = 0.999  # adamw only
   opt.eps = 1e-8  # adamw only

@@ -138,7 +138,7 @@ def run_b(run_a, tmp_path_factory) -> Path:
 
 def test_resumed_run_ends_bit_identical_to_uninterrupted_run(run_a, run_b):
   a, b = restore(run_a, 8), restore(run_b, 8)
-  assert set(a) == set(b) == {"params", "opt_state"}
+  assert set(a) == set(b) == {"params", "opt_state", "pending_losses"}
   assert_bit_identical(a["params"], b["params"])
   assert_bit_identical(a["opt_state"], b["opt_state"])
   # The run moved: the final parameters are not the step-4 ones.
@@ -526,6 +526,23 @@ def test_every_shipped_config_resolves_and_builds_its_optimizer():
     names.add(resolved.optimizer.name)
   assert names == {"adafactor", "adamw", "big_vision", "t5x"}
   assert paper.get_config("no_clipping").optimizer.clipping_threshold is None
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adamw", "t5x"])
+def test_stochastic_rounding_key_rounds_bfloat16_params_for_any_optimizer(name):
+  config = train.resolve_config(default.get_config())
+  train.set_config_value(config, "optimizer.name", name)
+  train.set_config_value(config, "optimizer.learning_rate", 1e-3)
+  params = {"w": jax.numpy.ones((4, 4), jax.numpy.bfloat16)}
+  grads = {"w": jax.numpy.full((4, 4), 1e-3, jax.numpy.bfloat16)}
+  kinds = {}
+  for rounding in (False, True):
+    train.set_config_value(config, "optimizer.stochastic_rounding", rounding)
+    tx = train.create_optimizer(config.optimizer, config.num_steps)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    kinds[rounding] = updates["w"].dtype
+  # Stochastic rounding's updates are float32 (see adafactor_jax.stochastic_rounding).
+  assert kinds == {False: jax.numpy.bfloat16, True: jax.numpy.float32}
 
 
 # --------------------------------------------------------------------------- input pipeline
