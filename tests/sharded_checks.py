@@ -103,6 +103,7 @@ def check(mesh_shape, axis_type, layout) -> dict:
       params, state = compiled(params, state, jax.device_put(g, shardings))
   got = jax.device_get(params)
   return {
+    **skip_nonfinite_check(tx, params, state, grads[0], shardings, mesh),
     "init": {k: spec_list(x.sharding) for k, x in named_leaves(init_state).items()},
     "predicted": {k: spec_list(s) for k, s in named_leaves(predicted).items()},
     "after_steps": {k: spec_list(x.sharding) for k, x in named_leaves(state).items()},
@@ -112,6 +113,44 @@ def check(mesh_shape, axis_type, layout) -> dict:
     "max_relative_error": max(
       float(np.max(np.abs(got[k] - expected[k])) / max(np.max(np.abs(expected[k])), 1e-30))
       for k in SHAPES
+    ),
+  }
+
+
+def _bits_equal(a, b) -> bool:
+  a, b = jax.device_get(a), jax.device_get(b)
+  return all(
+    np.array_equal(np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
+
+
+def skip_nonfinite_check(tx, params, state, grad, shardings, mesh) -> dict:
+  """A NaN in one shard of one gradient, under jit on the mesh, with skip_nonfinite."""
+  skipping = adafactor_jax.skip_nonfinite(tx)
+
+  @jax.jit
+  def step(params, state, grad):
+    updates, state = skipping.update(grad, state, params)
+    return optax.apply_updates(params, updates), state
+
+  poisoned = dict(grad)
+  poisoned["kernel"] = poisoned["kernel"].copy()
+  poisoned["kernel"][200, 500] = np.nan  # on the last device's shard when model-parallel
+  with jax.set_mesh(mesh):
+    state = skipping.init(params)
+    params, state = step(params, state, jax.device_put(grad, shardings))
+    new_params, new_state = step(params, state, jax.device_put(poisoned, shardings))
+  return {
+    "skip_bit_identical": _bits_equal(
+      (new_params, new_state.inner_state), (params, state.inner_state)
+    ),  # fmt: skip
+    "skipped_steps": int(new_state.skipped_steps),
+    "skip_shardings_kept": all(
+      x.sharding == y.sharding
+      for x, y in zip(
+        jax.tree.leaves((new_params, new_state)), jax.tree.leaves((params, state)), strict=True
+      )  # fmt: skip
     ),
   }
 

@@ -265,6 +265,16 @@ def _canonical(spec: list, mesh_sizes: dict) -> list:
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_skip_nonfinite_under_jit_on_sharded_params(on_eight_devices, case):
+  """A NaN in one shard skips the step on every device: params and state
+  bit-identical, the count up by one, every array still where it was."""
+  observed = _case(on_eight_devices, case)
+  assert observed["skip_bit_identical"]
+  assert observed["skipped_steps"] == 1
+  assert observed["skip_shardings_kept"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_state_follows_the_params_shardings(on_eight_devices, case):
   from tests.sharded_checks import LAYOUTS, SHAPES
 
