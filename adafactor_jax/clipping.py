@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import optax
 
 from adafactor_jax import _checks
-from adafactor_jax.factored import FactorDimsFn, FactorRules, _rules_fn, _slice_axes
+from adafactor_jax.factored import FactorDimsFn, FactorRules, _rules_fn, _slice_axes, saturate
 
 
 def rms(x: jax.Array, axes: Sequence[int] | None = None) -> jax.Array:
-  """sqrt(mean(x²)) in float32 over ``axes`` (all), kept as size-1 axes."""
-  return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axes, keepdims=axes is not None))
+  """sqrt(mean(x²)) in float32 over ``axes`` (all), kept as size-1 axes; finite for finite x."""
+  mean_square = jnp.mean(jnp.square(x.astype(jnp.float32)), axes, keepdims=axes is not None)
+  return jnp.sqrt(saturate(mean_square))
 
 
 def per_slice_rms(factor_dims: FactorDimsFn | None, updates: optax.Updates) -> optax.Updates:

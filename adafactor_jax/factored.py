@@ -49,6 +49,34 @@ FactorRules = Sequence[tuple[str, FactorDims]]
 _TINY = float(np.finfo(np.float32).tiny)
 
 
+# The ceiling of the statistics: 2^126, the largest power of two whose
+# reciprocal is a normal float32 (XLA divides as x * (1/y), and flushes
+# subnormals to zero on CPU, so x / 2^127 would be 0).
+_CEILING = 2.0**126
+
+
+def saturate(x: jax.Array) -> jax.Array:
+  """x, or 2^126 (8.5e37) where x is larger (inf included).
+
+  For statistics of G² reduced in float32: a finite |G| > 1.8e19 squares to
+  inf, n squares of |G| > 1.8e19/sqrt(n) sum to inf, and V̂ = inf would give
+  inf/inf.
+  Saturated, the statistics and the update stay finite (the update of such a
+  parameter is then smaller than the exact algorithm's, whose V̂ is as huge).
+  Applied after the reductions, not to G²: any op between G and its square
+  makes XLA store G² in a parameter-sized temporary.
+  """
+  return jnp.minimum(x, _CEILING)
+
+
+def _mean(x: jax.Array, axes: Sequence[int]) -> jax.Array:
+  """The mean over ``axes``, kept as size-1 axes, as a sum of x/n, for the
+  small reduced statistics: the sum of n of them near the ceiling overflows.
+  (Not for parameter-sized reductions: there XLA stores the x/n it sums.)"""
+  n = int(np.prod([jnp.shape(x)[a] for a in axes]))
+  return jnp.sum(x * (1.0 / max(n, 1)), axes, keepdims=True)
+
+
 class ScaleByFactoredRmsState(NamedTuple):
   r"""State of :func:`scale_by_factored_rms`.
 
@@ -229,18 +257,20 @@ def _precondition(
   """
   if v is not None:
     g32 = grad.astype(jnp.float32)
-    v = beta2 * v + (1 - beta2) * (jnp.square(g32) + epsilon1)
+    v = beta2 * v + (1 - beta2) * (saturate(jnp.square(g32)) + epsilon1)
     factor = jax.lax.rsqrt(v)
     msq = None
     if mean_square_axes is not None:
       g_msq, v_msq = jax.lax.optimization_barrier((grad, v))
-      msq = jnp.mean(jnp.square(g_msq.astype(jnp.float32)) / v_msq, mean_square_axes, keepdims=True)
+      # (G / sqrt(v))², not G² / v: G² overflows first.
+      u_msq = g_msq.astype(jnp.float32) * jax.lax.rsqrt(v_msq)
+      msq = saturate(jnp.mean(jnp.square(u_msq), mean_square_axes, keepdims=True))
     return _Preconditioned(None, None, v, (factor, jnp.ones([], jnp.float32)), msq)
 
   rows, cols = _factored_axes(v_row, v_col)
   g_rows, g_cols = jax.lax.optimization_barrier((grad, grad))
   col_mean = jnp.mean(jnp.square(g_cols.astype(jnp.float32)), rows, keepdims=True)
-  v_col = beta2 * v_col + (1 - beta2) * (col_mean + epsilon1)
+  v_col = saturate(beta2 * v_col + (1 - beta2) * (col_mean + epsilon1))
   col_factor = jax.lax.rsqrt(v_col)
   g_rows = jnp.square(g_rows.astype(jnp.float32))
   if mean_square_axes is not None:
@@ -251,13 +281,13 @@ def _precondition(
     row_mean, weighted_row_mean = row_means[..., 0], row_means[..., 1]
   else:
     row_mean = jnp.mean(g_rows, cols, keepdims=True)
-  v_row = beta2 * v_row + (1 - beta2) * (row_mean + epsilon1)
+  v_row = saturate(beta2 * v_row + (1 - beta2) * (row_mean + epsilon1))
   # V̂ = R C / mean(R), taken as two rsqrt factors so that R * C cannot underflow.
-  row_ratio = v_row / jnp.mean(v_row, rows, keepdims=True)
+  row_ratio = v_row / _mean(v_row, rows)
   row_factor = jax.lax.rsqrt(jnp.maximum(row_ratio, _TINY))
   msq = None
   if mean_square_axes is not None:
-    msq = jnp.mean(jnp.square(row_factor) * weighted_row_mean, mean_square_axes, keepdims=True)
+    msq = saturate(_mean(jnp.square(row_factor) * weighted_row_mean, mean_square_axes))
   return _Preconditioned(v_row, v_col, None, (row_factor, col_factor), msq)
 
 
