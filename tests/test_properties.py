@@ -302,12 +302,14 @@ def test_float16_factored_ratio_overflow_is_clipped():
 # the step size), each a few ulps from exact (STEP_ULPS), and of reductions
 # over up to n elements (the clipping RMS, the parameter scale, the statistics'
 # means). A float32 sum of n positive terms is within (n - 1) u of exact
-# (recursive summation), and XLA:CPU sums largely in order: with terms of one
-# size the roundings do not cancel. Measured over 900 drawn problems: up to
-# 0.03 n ulps of the step (35 ulps for n = 1566, through the clipping RMS), at
-# most 0.1 of this bound. Summing the steps' maxima rather than taking the net
-# movement covers cancellation in the momentum average, whose error is
-# relative to the steps it averages, and in U + λX.
+# (recursive summation), and XLA:CPU sums largely in order, so with terms of
+# one size the roundings do not cancel: measured up to 0.03 n ulps of the step
+# (35 ulps for n = 1566, through the clipping RMS). Summing the steps' maxima
+# rather than taking the net movement covers cancellation in the momentum
+# average, whose error is relative to the steps it averages, and in U + λX.
+# Over 1,300 drawn problems the error stayed within 0.43 of the whole bound
+# (the storage term alone reaches 0.5 at the first step) and within 0.1 of the
+# step term alone.
 ROUNDOFF = 2.0**-24
 STEP_ULPS = 16
 
@@ -407,7 +409,7 @@ def _check_against_reference(params, grads_list, kwargs, poisoned):
 
     if t == poisoned:
       # Skipped: bit-identical parameters (a -0.0 one included) and statistics.
-      assert reference.params == previous
+      assert all(reference.params[name] is previous[name] for name in previous)
       _assert_same_bits(params, new_params, f"params, {where}")
       _assert_same_bits(state.inner_state, new_state.inner_state, f"state, {where}")
     params, state = new_params, new_state
