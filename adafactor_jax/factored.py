@@ -62,9 +62,10 @@ def saturate(x: jax.Array) -> jax.Array:
   inf, n squares of |G| > 1.8e19/sqrt(n) sum to inf, and V̂ = inf would give
   inf/inf.
   Saturated, the statistics and the update stay finite (the update of such a
-  parameter is then smaller than the exact algorithm's, whose V̂ is as huge).
-  Applied after the reductions, not to G²: any op between G and its square
-  makes XLA store G² in a parameter-sized temporary.
+  parameter is then no longer the exact algorithm's). Factored, it is applied
+  after the reductions, not to G²: any op between G and its square makes XLA
+  store G² in a parameter-sized temporary. Unfactored, G² is reduced nowhere,
+  and is saturated itself.
   """
   return jnp.minimum(x, _CEILING)
 
