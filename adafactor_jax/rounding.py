@@ -109,7 +109,7 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
     _checks.check_tree_matches(updates, params)
     next_key, step_key = jax.random.split(state.key)
     leaves, treedef = jax.tree.flatten(updates)
-    leaf_keys = jax.random.split(step_key, max(len(leaves), 1))
+    leaf_keys = jax.random.split(step_key, len(leaves))
 
     def rounded(update, param, key):
       if not _rounds_stochastically(param.dtype):
@@ -120,7 +120,7 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
 
     params_leaves = treedef.flatten_up_to(params)
     new_leaves = [
-      rounded(u, p, k) for u, p, k in zip(leaves, params_leaves, leaf_keys, strict=False)
+      rounded(u, p, k) for u, p, k in zip(leaves, params_leaves, leaf_keys, strict=True)
     ]
     return treedef.unflatten(new_leaves), StochasticRoundingState(next_key)
 
