@@ -76,3 +76,29 @@ def relative_error(actual: dict, expected: dict, start: dict) -> dict[str, float
     diff = np.linalg.norm(np.asarray(actual[k], np.float64) - np.asarray(expected[k], np.float64))
     out[k] = diff / moved
   return out
+
+
+def bits(x) -> np.ndarray:
+  """The raw bits of an array, so that -0.0 != +0.0 and NaN payloads count."""
+  x = np.asarray(x)
+  return x.view(np.dtype(f"u{x.dtype.itemsize}"))
+
+
+def assert_bit_identical(actual, expected, what: str = "") -> None:
+  """Same tree structure, and leaf by leaf the same dtype, shape and bits."""
+  leaves_a, tree_a = jax.tree.flatten(actual)
+  leaves_e, tree_e = jax.tree.flatten(expected)
+  assert tree_a == tree_e, what
+  assert leaves_e, f"nothing to compare {what}"
+  for i, (x, y) in enumerate(zip(leaves_a, leaves_e, strict=True)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert (x.dtype, x.shape) == (y.dtype, y.shape), (what, i)
+    assert np.array_equal(bits(x), bits(y)), (what, i, x, y)
+
+
+def changed(a, b) -> bool:
+  """True when some leaf of a differs in its bits from the matching leaf of b."""
+  return any(
+    not np.array_equal(bits(x), bits(y))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import adafactor_jax
+from tests.conftest import assert_bit_identical, bits, changed
 
 ocp = pytest.importorskip("orbax.checkpoint")
 nnx = pytest.importorskip("flax.nnx")
@@ -23,12 +24,6 @@ train_state = pytest.importorskip("flax.training.train_state")
 
 # --------------------------------------------------------------------------
 # Helpers.
-
-
-def _bits(x) -> np.ndarray:
-  """The raw bits of an array, so that -0.0 != +0.0 and NaN payloads count."""
-  x = np.asarray(x)
-  return x.view(np.dtype(f"u{x.dtype.itemsize}"))
 
 
 def _is_none(x) -> bool:
@@ -41,17 +36,9 @@ def _none_mask(tree):
 
 
 def _assert_bit_identical(actual, expected):
-  """Same tree structure (None positions and NamedTuple types included), same
-  dtypes and shapes, same bits."""
-  leaves_a, tree_a = jax.tree.flatten(actual)
-  leaves_e, tree_e = jax.tree.flatten(expected)
-  assert tree_a == tree_e
+  """Bit-identical, with the None statistics in the same places."""
   assert _none_mask(actual) == _none_mask(expected)
-  for x, y in zip(leaves_a, leaves_e, strict=True):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype
-    assert x.shape == y.shape
-    assert np.array_equal(_bits(x), _bits(y))
+  assert_bit_identical(actual, expected)
 
 
 def _find(tree, cls):
@@ -65,14 +52,6 @@ def _find(tree, cls):
 
   jax.tree.leaves(tree, is_leaf=visit)
   return found
-
-
-def _changed(a, b) -> bool:
-  """True when some leaf of a differs from the matching leaf of b."""
-  return any(
-    not np.array_equal(_bits(x), _bits(y))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-  )
 
 
 # --------------------------------------------------------------------------
@@ -138,7 +117,7 @@ def test_orbax_round_trip_is_bit_exact_and_training_resumes_identically(name, tm
   for key in ("bias", "small"):
     assert stats.v_row[key] is None and stats.v_col[key] is None
     assert stats.v[key].shape == params[key].shape
-  assert _changed(state, initial_state)
+  assert changed(state, initial_state)
   for leaf in jax.tree.leaves(params):
     assert leaf.dtype == dtype
   if kwargs.get("momentum"):
@@ -194,7 +173,7 @@ def test_orbax_round_trip_is_bit_exact_and_training_resumes_identically(name, tm
     grads = _grads(params, step, nan=skip and step in NAN_STEPS)
     params_a, state_a = _optax_step(tx, params_a, state_a, grads)
     params_b, state_b = _optax_step(tx, params_b, state_b, grads)
-  assert _changed(params_a, params)
+  assert changed(params_a, params)
   _assert_bit_identical(params_b, params_a)
   _assert_bit_identical(state_b, state_a)
   if skip:
@@ -288,7 +267,7 @@ def test_nnx_optimizer_checkpoint_round_trip(how, tmp_path):
     checkpointer.wait_until_finished()
     restored = nnx.restore_int_paths(checkpointer.restore(tmp_path / "ckpt"))
     new_model, new_optimizer = _nnx_build(1)
-    assert _changed(nnx.state(new_model), saved[0])  # a different initialisation
+    assert changed(nnx.state(new_model), saved[0])  # a different initialisation
     for obj, pure in ((new_model, restored["model"]), (new_optimizer, restored["optimizer"])):
       state = nnx.state(obj)
       nnx.replace_by_pure_dict(state, pure)
@@ -305,9 +284,9 @@ def test_nnx_optimizer_checkpoint_round_trip(how, tmp_path):
   for _ in range(3):
     loss_a = _nnx_train_step(model, optimizer, x, y)
     loss_b = _nnx_train_step(new_model, new_optimizer, x, y)
-    assert np.array_equal(_bits(loss_a), _bits(loss_b))
+    assert np.array_equal(bits(loss_a), bits(loss_b))
   after = _nnx_snapshot(model, optimizer)
-  assert _changed(after[0], saved[0])
+  assert changed(after[0], saved[0])
   _assert_bit_identical(_nnx_snapshot(new_model, new_optimizer), after)
   assert int(new_optimizer.step[...]) == 6
 
@@ -406,8 +385,8 @@ def test_linen_train_state_trains_and_checkpoints(kwargs, tmp_path):
   for _ in range(3):
     state_a, loss_a = _linen_train_step(state_a, x, y)
     state_b, loss_b = _linen_train_step(state_b, x, y)
-    assert np.array_equal(_bits(loss_a), _bits(loss_b))
-  assert _changed(state_a.params, state.params)
+    assert np.array_equal(bits(loss_a), bits(loss_b))
+  assert changed(state_a.params, state.params)
   _assert_bit_identical(_linen_arrays(state_b), _linen_arrays(state_a))
   assert int(state_b.step) == 23
   # The restored state has the live one's types: the train step was not retraced.

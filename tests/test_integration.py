@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import adafactor_jax
+from tests.conftest import assert_bit_identical
 
 # --------------------------------------------------------------------------
 # Helpers.
@@ -17,21 +18,6 @@ import adafactor_jax
 def _rand_tree(shapes: dict, seed: int, scale: float = 1.0, dtype=jnp.float32) -> dict:
   rng = np.random.default_rng(seed)
   return {k: jnp.asarray(scale * rng.standard_normal(s), dtype) for k, s in shapes.items()}
-
-
-def _bits(x) -> np.ndarray:
-  """The raw bits of an array, so that -0.0 != +0.0 and NaN payloads count."""
-  x = np.asarray(x)
-  return x.view(np.dtype(f"u{x.dtype.itemsize}")) if x.dtype.itemsize > 0 else x
-
-
-def _assert_bit_identical(a, b):
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b, strict=True):
-    assert np.asarray(x).dtype == np.asarray(y).dtype
-    assert np.array_equal(_bits(x), _bits(y))
 
 
 def _assert_tree_allclose(actual, expected, **kwargs):
@@ -178,7 +164,7 @@ def test_multisteps_bfloat16():
         assert np.any(np.asarray(new) != np.asarray(old))
       emitted.append(u)
     else:
-      _assert_bit_identical(p, history[-1])
+      assert_bit_identical(p, history[-1])
     history.append(p)
   assert int(state.gradient_step) == 2
   assert int(state.inner_opt_state[0].count) == 2
@@ -256,7 +242,7 @@ def test_masked():
   state = tx.init(params)
   updates, state = jax.jit(tx.update)(grads, state, params)
   # optax.masked passes the masked-out updates through untouched.
-  _assert_bit_identical(updates["a"]["b"], grads["a"]["b"])
+  assert_bit_identical(updates["a"]["b"], grads["a"]["b"])
   sub = {"a": {"w": params["a"]["w"]}, "c": {"w": params["c"]["w"]}}
   sub_grads = {"a": {"w": grads["a"]["w"]}, "c": {"w": grads["c"]["w"]}}
   plain = adafactor_jax.adafactor(min_dim_size_to_factor=1)
@@ -298,7 +284,7 @@ def test_apply_if_finite_skips_nan_step():
   before = state
   updates, state = update(bad, state, params)
   assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
-  _assert_bit_identical(state.inner_state, before.inner_state)
+  assert_bit_identical(state.inner_state, before.inner_state)
   assert int(state.notfinite_count) == 1
   assert int(state.total_notfinite) == 1
 
@@ -559,8 +545,8 @@ def test_skip_nonfinite_is_bit_exact(jit):
 
   def poisoned_step(params, state, seed, poison, skipped):
     new_params, new_state, updates = run(params, state, _nonfinite_grads(seed, poison))
-    _assert_bit_identical(new_params, params)
-    _assert_bit_identical(new_state.inner_state, state.inner_state)
+    assert_bit_identical(new_params, params)
+    assert_bit_identical(new_state.inner_state, state.inner_state)
     assert int(new_state.skipped_steps) == skipped
     # Every update is -0.0, the additive identity.
     for u in jax.tree.leaves(updates):
@@ -615,8 +601,8 @@ def test_skip_nonfinite_inside_multisteps():
   start_params, start_inner = params, state.inner_opt_state
   params, state = step(params, state, grads(0))
   params, state = step(params, state, grads(1, np.nan))  # the window's mean is NaN
-  _assert_bit_identical(params, start_params)
-  _assert_bit_identical(state.inner_opt_state.inner_state, start_inner.inner_state)
+  assert_bit_identical(params, start_params)
+  assert_bit_identical(state.inner_opt_state.inner_state, start_inner.inner_state)
   assert int(state.inner_opt_state.skipped_steps) == 1
   assert int(state.gradient_step) == 1
   # optax.MultiSteps resets its accumulator as (1 - emit) * acc, which keeps a
@@ -624,14 +610,14 @@ def test_skip_nonfinite_inside_multisteps():
   assert any(np.any(np.isnan(a)) for a in jax.tree.leaves(state.acc_grads))
   params, state = step(params, state, grads(2))
   params, state = step(params, state, grads(3))
-  _assert_bit_identical(params, start_params)
-  _assert_bit_identical(state.inner_opt_state.inner_state, start_inner.inner_state)
+  assert_bit_identical(params, start_params)
+  assert_bit_identical(state.inner_opt_state.inner_state, start_inner.inner_state)
   assert int(state.inner_opt_state.skipped_steps) == 2
 
   # With the accumulator cleared, a finite window proceeds normally.
   state = state._replace(acc_grads=jax.tree.map(jnp.zeros_like, state.acc_grads))
   params, state = step(params, state, grads(4))
-  _assert_bit_identical(params, start_params)
+  assert_bit_identical(params, start_params)
   params, state = step(params, state, grads(5))
   mean = jax.tree.map(
     lambda a, b: ((a.astype(jnp.float32) + b.astype(jnp.float32)) / 2).astype(a.dtype),

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import assert_bit_identical, read_jsonl, restore, tiny_flags, without_rate
+from tests.conftest import assert_bit_identical
+from tests.test_train import read_jsonl, restore, tiny_flags, without_rate
 
 FLAGS = tiny_flags(keep_checkpoints=10)
 TIMEOUT_S = 240

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import adafactor_jax
+from tests.conftest import assert_bit_identical
 from tests.reference import Options, Reference
 
 FLOAT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -377,16 +378,6 @@ def reference_problems(draw, poison=None):
   return params, grads, kwargs, poisoned
 
 
-def _assert_same_bits(before, after, what):
-  before_leaves, before_def = jax.tree.flatten(before)
-  after_leaves, after_def = jax.tree.flatten(after)
-  assert before_def == after_def, what
-  for i, (x, y) in enumerate(zip(before_leaves, after_leaves, strict=True)):
-    x, y = np.asarray(x), np.asarray(y)
-    assert (x.dtype, x.shape) == (y.dtype, y.shape), (what, i)
-    assert x.tobytes() == y.tobytes(), (what, i, x, y)
-
-
 def _check_against_reference(params, grads_list, kwargs, poisoned):
   """Runs the library (jitted) and the float64 reference side by side."""
   reference = Reference(Options(**kwargs), params)
@@ -410,8 +401,8 @@ def _check_against_reference(params, grads_list, kwargs, poisoned):
     if t == poisoned:
       # Skipped: bit-identical parameters (a -0.0 one included) and statistics.
       assert all(reference.params[name] is previous[name] for name in previous)
-      _assert_same_bits(params, new_params, f"params, {where}")
-      _assert_same_bits(state.inner_state, new_state.inner_state, f"state, {where}")
+      assert_bit_identical(params, new_params, f"params, {where}")
+      assert_bit_identical(state.inner_state, new_state.inner_state, f"state, {where}")
     params, state = new_params, new_state
 
     # Finite gradients (or a skipped step) give finite parameters and state.

@@ -10,6 +10,7 @@ import pytest
 
 import adafactor_jax
 from adafactor_jax import stochastic_round, stochastic_rounding
+from tests.conftest import assert_bit_identical, bits, changed
 
 LOW = [jnp.bfloat16, jnp.float16]
 
@@ -70,11 +71,6 @@ def test_stochastic_round_keeps_exact_values_and_non_finite_ones(dtype):
   np.testing.assert_array_equal(rounded, np.asarray(special.astype(dtype), np.float32))
 
 
-def _bits(x):
-  x = np.asarray(x)
-  return x.view(np.dtype(f"u{x.dtype.itemsize}"))
-
-
 def _train(tx, params, steps, grad_fn):
   @jax.jit
   def step(params, state, i):
@@ -110,9 +106,8 @@ def test_rounding_is_deterministic_given_the_seed_and_varies_with_it():
     return _train(tx, params, 5, _grad_fn)[:2]
 
   (a, state_a), (b, state_b), (c, _) = run(7), run(7), run(8)
-  for x, y in zip(jax.tree.leaves((a, state_a)), jax.tree.leaves((b, state_b)), strict=True):
-    assert np.array_equal(_bits(x), _bits(y))
-  assert not np.array_equal(_bits(a["kernel"]), _bits(c["kernel"]))
+  assert_bit_identical((a, state_a), (b, state_b))
+  assert not np.array_equal(bits(a["kernel"]), bits(c["kernel"]))
   (rounding,) = [s for s in state_a if isinstance(s, adafactor_jax.StochasticRoundingState)]
   assert rounding.key.dtype == jnp.uint32 and rounding.key.shape == (2,)
 
@@ -147,8 +142,7 @@ def test_float32_parameters_are_untouched():
   params = _params(jnp.float32)
   plain = _train(adafactor_jax.adafactor(), params, 3, _grad_fn)
   rounded = _train(adafactor_jax.adafactor(stochastic_rounding=True), params, 3, _grad_fn)
-  for x, y in zip(jax.tree.leaves(plain[0]), jax.tree.leaves(rounded[0]), strict=True):
-    assert np.array_equal(_bits(x), _bits(y))
+  assert_bit_identical(rounded[0], plain[0])
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=lambda d: d.__name__)
@@ -179,9 +173,7 @@ def test_skipped_step_leaves_key_and_params_bit_identical():
   grads["kernel"] = grads["kernel"].at[3, 4].set(jnp.nan)
   updates, new_state = jax.jit(tx.update)(grads, state, params)
   new_params = optax.apply_updates(params, updates)
-  for x, y in zip(jax.tree.leaves((new_params, new_state.inner_state)),
-                  jax.tree.leaves((params, state.inner_state)), strict=True):  # fmt: skip
-    assert np.array_equal(_bits(x), _bits(y))
+  assert_bit_identical((new_params, new_state.inner_state), (params, state.inner_state))
   assert int(new_state.skipped_steps) == 1
 
 
@@ -193,17 +185,10 @@ def test_inside_multisteps_rounds_once_per_emitted_step():
   for i, emits in enumerate([False, True]):
     updates, state = jax.jit(tx.update)(_grad_fn(params, i), state, p)
     p = optax.apply_updates(p, updates)
-    assert _changed(p, params) == emits
+    assert changed(p, params) == emits
   rounding = [s for s in state.inner_opt_state if isinstance(s, type(inner.init(params)[-1]))]
   one_step = inner.update(_grad_fn(params, 0), inner.init(params), params)[1][-1]
   assert np.array_equal(rounding[0].key, one_step.key)
-
-
-def _changed(a, b):
-  return any(
-    not np.array_equal(_bits(x), _bits(y))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-  )
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from flax import nnx
 
 from adafactor_jax import compare, input_pipeline, train
 from adafactor_jax.configs import adamw, default, paper
+from tests.conftest import assert_bit_identical
 
 PROG = "adafactor-train"
 PAPER_FILE = paper.__file__
@@ -71,22 +72,6 @@ def restore(workdir: Path, step: int) -> dict:
   with ocp.CheckpointManager(workdir / "checkpoints") as manager:
     assert step in manager.all_steps()
     return manager.restore(step, args=ocp.args.StandardRestore())
-
-
-def bits(x) -> np.ndarray:
-  """The raw bits of an array, so that -0.0 != +0.0 and NaN payloads count."""
-  x = np.asarray(x)
-  return x.view(np.dtype(f"u{x.dtype.itemsize}"))
-
-
-def assert_bit_identical(a, b) -> None:
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b
-  assert leaves_a
-  for x, y in zip(leaves_a, leaves_b, strict=True):
-    assert np.asarray(x).dtype == np.asarray(y).dtype
-    assert np.array_equal(bits(x), bits(y))
 
 
 def file_hashes(root: Path) -> dict[str, str]:
