@@ -35,7 +35,6 @@ import numpy as np
 import optax
 
 import adafactor_jax
-from adafactor_jax.train import tree_bytes
 from benchmarks import trees as trees_lib
 
 Tree = trees_lib.Tree
@@ -136,7 +135,7 @@ def jax_runner(
   compiled = compile_step(tx, shapes)
   carry = [jax.tree.map(jnp.copy, params) if copy else params, None]
   carry[1] = tx.init(carry[0])
-  figures = {"temp_bytes": temp_bytes(compiled), "state_bytes": tree_bytes(carry[1])}
+  figures = {"temp_bytes": temp_bytes(compiled), "state_bytes": trees_lib.tree_bytes(carry[1])}
 
   def step() -> float:
     start = time.perf_counter()
@@ -200,7 +199,7 @@ def benchmark_tree(
   shapes: Tree, optimizers: Sequence[str], rounds: int, steps_per_round: int, seed: int = 0
 ) -> dict[str, Any]:
   """All figures of one tree: per optimizer the median step ms, its ratios, and bytes."""
-  n_params, n_bytes = trees_lib.param_count(shapes), tree_bytes(shapes)
+  n_params, n_bytes = trees_lib.param_count(shapes), trees_lib.tree_bytes(shapes)
   params, grads = random_tree(shapes, seed), random_tree(shapes, seed + 1)
   # torch copies the params first; the last JAX optimizer takes them without a copy.
   order = sorted(optimizers, key=lambda name: name != TORCH)
@@ -262,7 +261,7 @@ def run_sweep(
   entries, notes = [], []
   for dims in trees_lib.SWEEP:
     shapes = trees_lib.sweep_tree(*dims)
-    n_params, n_bytes = trees_lib.param_count(shapes), tree_bytes(shapes)
+    n_params, n_bytes = trees_lib.param_count(shapes), trees_lib.tree_bytes(shapes)
     if n_params > max_params:
       notes.append(f"sweep: {n_params / 1e6:.0f}M params skipped (--sweep-max-params).")
       continue

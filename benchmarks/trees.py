@@ -177,3 +177,8 @@ def sweep_tree(d_model: int, n_layers: int, vocab: int) -> Tree:
 def param_count(tree: Any) -> int:
   """The number of elements over a tree's array (or ShapeDtypeStruct) leaves."""
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def tree_bytes(tree: Any) -> int:
+  """Bytes of the arrays (or abstract arrays) in a pytree."""
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

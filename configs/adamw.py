@@ -3,7 +3,7 @@
 The comparison suite sweeps its learning rate (adafactor-compare --suite default).
 """
 
-from adafactor_jax.configs import default
+from adafactor_jax.training.configs import default
 
 
 def get_config():

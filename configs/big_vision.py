@@ -4,7 +4,7 @@ No parameter scale and no clipping, factoring from 32 up, momentum before the
 learning rate, which is absolute: adafactor_jax.presets.big_vision.
 """
 
-from adafactor_jax.configs import default
+from adafactor_jax.training.configs import default
 
 
 def get_config():

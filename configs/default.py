@@ -34,6 +34,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.embed_init_scale = 1.0
   config.model.param_dtype = "float32"
 
+  # The device mesh over every device of every process: -1 takes all the remaining devices,
+  # so the default is data parallelism over all of them (one device: a mesh of one).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.model = 1
+  # Logical axis name (model.py) -> mesh axis, or None for replicated; names not listed are
+  # replicated. 'embed' over 'data' shards every parameter over the data axis too (FSDP).
+  config.mesh.logical_axis_rules = (
+    ("batch", "data"),
+    ("embed", "data"),
+    ("vocab", "model"),
+    ("mlp", "model"),
+    ("joined_kv", "model"),
+  )
+
   # `name` picks the optimizer: "adafactor" (adafactor_jax.adafactor with the
   # fields below), "big_vision" or "t5x" (adafactor_jax.presets), or "adamw".
   opt = config.optimizer = ml_collections.ConfigDict()

@@ -10,8 +10,8 @@ beta2 (1 - beta2^(t-1)) / (1 - beta2^t) is close to min(beta2, 1 - 1/t), which
 is ``decay_rate=1.0, beta2_cap=beta2``.
 """
 
-from adafactor_jax.configs import default
-from adafactor_jax.train import set_config_value
+from adafactor_jax.training.config import set_config_value
+from adafactor_jax.training.configs import default
 
 SLOW = {"optimizer.decay_rate": 1.0, "optimizer.beta2_cap": 0.999}
 WARMUP = {"optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 100}

@@ -5,7 +5,7 @@ T5 fine-tunes with ``constant learning rate 0.001`` and no relative step
 Start from an existing run's checkpoint by copying its workdir.
 """
 
-from adafactor_jax.configs import default
+from adafactor_jax.training.configs import default
 
 
 def get_config():

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from adafactor_jax._checks import path_name
 
 
 def make_params(seed: int = 0) -> dict[str, np.ndarray]:
@@ -102,3 +106,19 @@ def changed(a, b) -> bool:
     not np.array_equal(bits(x), bits(y))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
   )
+
+
+_COLLECTIVE = re.compile(
+  r"= (\(.*?\)|\S+) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+  r"(?:-start)?\("
+)
+
+
+def collectives(hlo_text: str) -> list[tuple[str, str]]:
+  """(op, result type) of every cross-device collective in compiled HLO text."""
+  return [(op, result) for result, op in _COLLECTIVE.findall(hlo_text)]
+
+
+def named_leaves(tree) -> dict:
+  """A tree's leaves by their '/'-joined paths."""
+  return {path_name(path): x for path, x in jax.tree_util.tree_leaves_with_path(tree)}

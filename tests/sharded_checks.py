@@ -25,8 +25,10 @@ import optax  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import adafactor_jax  # noqa: E402
-from adafactor_jax.train_sharded import collectives, named_leaves, per_device_bytes  # noqa: E402
+from tests.conftest import collectives, named_leaves  # noqa: E402
 
 SHAPES = {
   "kernel": (256, 512),
@@ -56,6 +58,17 @@ LAYOUTS = {
   },
 }
 STEPS = 3
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes that the first device holds of a tree of sharded arrays."""
+  device = jax.devices()[0]
+  return sum(
+    shard.data.nbytes
+    for x in jax.tree.leaves(tree)
+    for shard in x.addressable_shards
+    if shard.device == device
+  )
 
 
 def spec_list(sharding) -> list:

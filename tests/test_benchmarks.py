@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import pytest
 
 import adafactor_jax
-from adafactor_jax.train import tree_bytes
 from benchmarks import run, trees
 
 KNOWN_PARAMS = {  # Published counts (HF t5-small, GPT-2 small, ViT-B/16 with a 1000-class head).
@@ -26,7 +25,7 @@ def test_tree_sizes(name):
   shapes = trees.TREES[name]()
   count = trees.param_count(shapes)
   assert count == pytest.approx(KNOWN_PARAMS[name], rel=0.02)
-  assert tree_bytes(shapes) == 4 * count
+  assert trees.tree_bytes(shapes) == 4 * count
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes))
 
 
@@ -73,7 +72,7 @@ def state_overhead(shapes) -> int:
   """Bytes of adafactor_jax.adafactor(1e-2)'s state beyond the statistics (no allocation)."""
   state = jax.eval_shape(adafactor_jax.adafactor(1e-2).init, shapes)
   expected = sum(factored_bytes(x.shape) for x in jax.tree.leaves(shapes))
-  return tree_bytes(state) - expected
+  return trees.tree_bytes(state) - expected
 
 
 @pytest.mark.parametrize("name", list(KNOWN_PARAMS))
@@ -97,7 +96,7 @@ def test_temp_bytes_at_most_2_percent_of_params(name):
   temp = run.temp_bytes(compiled)
   if temp is None:
     pytest.skip("this backend has no memory analysis")
-  assert temp <= 0.02 * tree_bytes(shapes), f"{temp / tree_bytes(shapes):.1%}"
+  assert temp <= 0.02 * trees.tree_bytes(shapes), f"{temp / trees.tree_bytes(shapes):.1%}"
 
 
 def check_figures(figures: dict, n_params: int) -> None:
@@ -137,7 +136,7 @@ def test_smoke_run_writes_every_column(tmp_path, capsys):
   assert tiny["optimizers"]["sgd"]["state_bytes"] == 0
   shapes = trees.EXTRA_TREES["tiny"]()
   state = jax.eval_shape(adafactor_jax.adafactor(1e-2).init, shapes)
-  assert tiny["optimizers"]["adafactor_jax"]["state_bytes"] == tree_bytes(state)
+  assert tiny["optimizers"]["adafactor_jax"]["state_bytes"] == trees.tree_bytes(state)
 
 
 def test_smoke_sweep(tmp_path, capsys):

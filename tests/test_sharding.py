@@ -92,10 +92,27 @@ def test_bad_axis_names_name_the_parameter():
     tx.init({"w": jnp.zeros((256, 256)), "b": jnp.zeros(3)})
 
 
-def _tiny_lm():
-  from adafactor_jax.model import TransformerLM
+class _Block(nnx.Module):
+  """An MLP block whose kernels carry logical axis names, as a Flax model's do."""
 
-  return TransformerLM(256, 16, 128, 2, 4, 256, rngs=nnx.Rngs(0))
+  def __init__(self, rngs: nnx.Rngs):
+    def named(*names):
+      return nnx.with_partitioning(nnx.initializers.lecun_normal(), names, eager_sharding=False)
+
+    self.mlp_in = nnx.Linear(128, 256, use_bias=False, kernel_init=named("embed", "mlp"), rngs=rngs)
+    self.mlp_out = nnx.Linear(
+      256, 128, use_bias=False, kernel_init=named("mlp", "embed"), rngs=rngs
+    )
+    self.scale = nnx.Param(jnp.ones(128), out_sharding=("embed",), eager_sharding=False)
+
+
+class _Model(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.blocks = nnx.List([_Block(rngs), _Block(rngs)])
+
+
+def _tiny_lm():
+  return _Model(nnx.Rngs(0))
 
 
 def test_nnx_metadata_gives_the_names_with_or_without_get_partition_spec():

@@ -5,7 +5,8 @@ fault armed by a ``sitecustomize`` module on its PYTHONPATH (the job itself is
 unchanged): a signal sent to the process while a step is in flight, or while
 Orbax commits a checkpoint (everything written, the temporary directory not yet
 renamed). The same command is then rerun, and must resume from the last
-complete checkpoint and end bit-identical to a run that was never interrupted.
+complete checkpoint and end bit-identical to a run that was never interrupted,
+on one device and on a 2 x 4 mesh of simulated devices (sharded checkpoints).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import assert_bit_identical
-from tests.test_train import read_jsonl, restore, tiny_flags, without_rate
+from tests.training.test_train import cli_command, read_jsonl, restore, tiny_flags, without_rate
 
 FLAGS = tiny_flags(keep_checkpoints=10)
 TIMEOUT_S = 240
@@ -43,16 +43,18 @@ SITECUSTOMIZE = textwrap.dedent(
       os.kill(os.getpid(), getattr(signal, signal_name))
 
     if where == "step":  # after the step with index `at` is dispatched, while it runs
-      from adafactor_jax import train
+      from adafactor_jax.training import train
 
       make_steps = train.make_steps
 
       def faulty_make_steps(*args, **kwargs):
         train_step, evaluate = make_steps(*args, **kwargs)
+        calls = []
 
-        def faulty_step(params, opt_state, step, *rest):
-          out = train_step(params, opt_state, step, *rest)
-          if int(step) == at:
+        def faulty_step(params, opt_state, batch):
+          out = train_step(params, opt_state, batch)
+          calls.append(None)
+          if len(calls) - 1 == at:  # faults are armed on runs that start at step 0
             fire()
           return out
 
@@ -80,24 +82,28 @@ SCENARIOS = {
   "sigterm_during_step": ("SIGTERM:step:4", 128 + signal.SIGTERM, [4, 5], 5),
   "sigkill_during_checkpoint_write": ("SIGKILL:commit:8", -signal.SIGKILL, [4], 4),
   "sigterm_during_checkpoint_write": ("SIGTERM:commit:4", 128 + signal.SIGTERM, [4], 4),
+  # The same kill on a 2 x 4 mesh of 8 simulated devices: sharded checkpoints.
+  "sigkill_during_step_on_a_mesh": ("SIGKILL:step:5", -signal.SIGKILL, [4], 4),
 }
+ON_A_MESH = "_on_a_mesh"  # scenarios named so run on 8 simulated devices, as a 2 x 4 mesh
 
 
 def _command() -> list[str]:
-  script = Path(sys.executable).with_name("adafactor-train")
-  prefix = [str(script)] if script.exists() else [sys.executable, "-m", "adafactor_jax.train"]
-  return [*prefix, *FLAGS, "--progress=false"]
+  return [*cli_command(), *FLAGS, "--progress=false"]
 
 
-def _run(workdir: Path, hooks: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+def _run(
+  workdir: Path, hooks: Path, fault: str | None = None, mesh: bool = False
+) -> subprocess.CompletedProcess:
   env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 if mesh else 1}"
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hooks), env.get("PYTHONPATH")]))
   env.pop("ADAFACTOR_TEST_FAULT", None)
   if fault:
     env["ADAFACTOR_TEST_FAULT"] = fault
     env["ADAFACTOR_TEST_FAULT_FIRED"] = str(workdir.parent / f"{workdir.name}.fired")
   return subprocess.run(
-    [*_command(), f"--workdir={workdir}"],
+    [*_command(), f"--workdir={workdir}", *(["--config.mesh.model=4"] if mesh else [])],
     env=env,
     capture_output=True,
     text=True,
@@ -122,12 +128,12 @@ def runs(tmp_path_factory):
   (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
 
   def scenario(name):
-    workdir = root / name
-    faulted = _run(workdir, hooks, SCENARIOS[name][0])
+    workdir, mesh = root / name, name.endswith(ON_A_MESH)
+    faulted = _run(workdir, hooks, SCENARIOS[name][0], mesh)
     after_fault = _checkpoint_dirs(workdir)
     metrics_after_fault = read_jsonl(workdir / "metrics.jsonl")
     fired = (root / f"{name}.fired").exists()
-    rerun = _run(workdir, hooks)
+    rerun = _run(workdir, hooks, mesh=mesh)
     return {
       "workdir": workdir,
       "faulted": faulted,
@@ -137,20 +143,26 @@ def runs(tmp_path_factory):
       "rerun": rerun,
     }
 
-  with ThreadPoolExecutor(max_workers=len(SCENARIOS) + 1) as pool:
-    clean = pool.submit(_run, root / "uninterrupted", hooks)
+  with ThreadPoolExecutor(max_workers=len(SCENARIOS) + 2) as pool:
+    cleans = {
+      f"uninterrupted{suffix}": pool.submit(
+        _run, root / f"uninterrupted{suffix}", hooks, None, mesh
+      )
+      for suffix, mesh in (("", False), (ON_A_MESH, True))
+    }
     futures = {name: pool.submit(scenario, name) for name in SCENARIOS}
     results = {name: f.result() for name, f in futures.items()}
-    clean = clean.result()
-  assert clean.returncode == 0, clean.stderr
-  results["uninterrupted"] = {"workdir": root / "uninterrupted"}
+    for name, clean in cleans.items():
+      assert clean.result().returncode == 0, clean.result().stderr
+      results[name] = {"workdir": root / name}
   return results
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_killed_run_resumes_from_last_complete_checkpoint_and_ends_identical(runs, name):
   fault, expected_code, complete_steps, resumed_from = SCENARIOS[name]
-  run, clean = runs[name], runs["uninterrupted"]["workdir"]
+  mesh = name.endswith(ON_A_MESH)
+  run, clean = runs[name], runs["uninterrupted" + (ON_A_MESH if mesh else "")]["workdir"]
 
   # The fault fired, and the job died of it (SIGKILL) or stopped cleanly (SIGTERM).
   assert run["fired"], run["faulted"].stderr
@@ -170,6 +182,7 @@ def test_killed_run_resumes_from_last_complete_checkpoint_and_ends_identical(run
   assert rerun.returncode == 0, rerun.stderr
   summary = json.loads((run["workdir"] / "summary.json").read_text())
   assert summary["resumed_from"] == resumed_from
+  assert summary["mesh"] == ({"data": 2, "model": 4} if mesh else {"data": 1, "model": 1})
   assert _checkpoint_dirs(run["workdir"])[0][-1] == 8
 
   # And it ends where the uninterrupted run ends: state, metrics, summary.

@@ -24,8 +24,9 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from adafactor_jax import compare, input_pipeline, train
-from adafactor_jax.configs import adamw, default, paper
+from adafactor_jax.training import compare, input_pipeline, main, train
+from adafactor_jax.training import config as config_lib
+from adafactor_jax.training.configs import adamw, default, paper
 from tests.conftest import assert_bit_identical
 
 PROG = "adafactor-train"
@@ -36,7 +37,7 @@ TINY = {
   "model.num_heads": 2,
   "model.mlp_dim": 32,
   "data.seq_len": 16,
-  "data.batch_size": 2,
+  "data.batch_size": 8,  # a multiple of 8 devices: the same run on any mesh of 8 or 1
   "data.max_bytes": 300_000,
   "eval_batches": 2,
   "num_steps": 8,
@@ -56,12 +57,18 @@ def tiny_flags(**changes) -> list[str]:
 def tiny_config() -> ml_collections.ConfigDict:
   config = default.get_config()
   for key, value in TINY.items():
-    train.set_config_value(config, key, value)
+    config_lib.set_config_value(config, key, value)
   return config
 
 
+def cli_command() -> list[str]:
+  """The installed ``adafactor-train``, or the module where the script is not installed."""
+  script = Path(sys.executable).with_name(PROG)
+  return [str(script)] if script.exists() else [sys.executable, "-m", "adafactor_jax.training"]
+
+
 def run_main(*args: str) -> int:
-  return train.main([PROG, *args, "--progress=false"])
+  return main.main([PROG, *args, "--progress=false"])
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -69,9 +76,16 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def restore(workdir: Path, step: int) -> dict:
-  with ocp.CheckpointManager(workdir / "checkpoints") as manager:
+  """A checkpoint's tree, on this process's first device whatever mesh wrote it."""
+  handler = ocp.StandardCheckpointHandler()
+  with ocp.CheckpointManager(workdir / "checkpoints", item_handlers=handler) as manager:
     assert step in manager.all_steps()
-    return manager.restore(step, args=ocp.args.StandardRestore())
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      dict(manager.item_metadata(step)),
+    )
+    return manager.restore(step, args=ocp.args.StandardRestore(target))
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -191,8 +205,18 @@ def test_run_writes_metrics_plot_summary_and_config(run_a):
     "param_bytes",
     "optimizer_state_bytes",
     "adamw_state_bytes",
+    "mesh",
+    "num_devices",
+    "num_processes",
+    "param_bytes_per_device",
+    "optimizer_state_bytes_per_device",
   }
   assert summary["optimizer"] == "adafactor"
+  # One device: a mesh of one, holding everything.
+  assert summary["mesh"] == {"data": 1, "model": 1}
+  assert summary["num_devices"] == summary["num_processes"] == 1
+  assert summary["param_bytes_per_device"] == summary["param_bytes"]
+  assert summary["optimizer_state_bytes_per_device"] == summary["optimizer_state_bytes"]
   assert summary["steps"] == 8
   assert summary["final_train_loss"] == train_records[-1]["train_loss"]
   assert summary["final_eval_loss"] == eval_records[-1]["eval_loss"]
@@ -213,7 +237,7 @@ def test_run_writes_metrics_plot_summary_and_config(run_a):
 
 def test_cli_paper_row_and_none_override_are_saved_in_config_json(run_a, run_b):
   expected = tiny_config()
-  train.set_config_value(expected, "optimizer.clipping_threshold", None)
+  config_lib.set_config_value(expected, "optimizer.clipping_threshold", None)
   expected = json.loads(expected.to_json())
   assert expected["optimizer"]["clipping_threshold"] is None
   # Run A came from configs/paper.py:no_clipping, run B from the default config
@@ -228,8 +252,8 @@ def test_adafactor_state_is_under_one_percent_of_adamw_at_default_size():
   param_bytes = train.tree_bytes(params)
   assert param_bytes > 1_000_000  # the default model, not a toy
 
-  def state_bytes(opt_config) -> int:
-    tx = train.create_optimizer(opt_config, config.num_steps)
+  def state_bytes(opt_config) -> int:  # factored by the logical names, as the job does
+    tx = train.create_optimizer(opt_config, config.num_steps, nnx.get_partition_spec(params))
     return train.tree_bytes(jax.eval_shape(tx.init, params))
 
   adafactor_bytes = state_bytes(config.optimizer)
@@ -247,7 +271,7 @@ def _write(path: Path, text: str) -> str:
 
 
 EXTRA_KEY_CONFIG = """
-from adafactor_jax.configs import default
+from adafactor_jax.training.configs import default
 
 def get_config():
   config = default.get_config()
@@ -256,7 +280,7 @@ def get_config():
 """
 
 DICT_CONFIG = """
-from adafactor_jax.configs import default
+from adafactor_jax.training.configs import default
 
 def get_config():
   config = default.get_config()
@@ -290,6 +314,18 @@ BAD_INPUTS = [
   ("missing_corpus", ["--config.data.corpus={tmp}/nowhere"], ["data.corpus", "nowhere"]),
   ("no_matching_files", ["--config.data.corpus={tmp}/corpus"], ["data.corpus", "no files", ".py"]),
   ("unknown_flag", ["--bogus=1"], ["bogus"]),
+  ("mesh_of_other_devices", ["--config.mesh.data=2"], ["'mesh.data' = 2", "the 1 device(s)"]),
+  ("both_mesh_axes_-1", ["--config.mesh.model=-1"], ["'mesh.data' and 'mesh.model'", "-1"]),
+  (
+    "rule_of_an_unknown_mesh_axis",
+    ["--config.mesh.logical_axis_rules=(('embed', 'dta'),)"],
+    ["'mesh.logical_axis_rules'", "('embed', 'dta')", "'dta'"],
+  ),
+  (
+    "rule_not_a_pair",
+    ["--config.mesh.logical_axis_rules=('embed',)"],
+    ["'mesh.logical_axis_rules'", "'embed'", "pair"],
+  ),
 ]
 
 
@@ -373,13 +409,29 @@ def test_workdir_of_a_different_run_is_refused_and_left_untouched(run_a, tmp_pat
   assert file_hashes(workdir) == before
 
 
+def test_workdir_whose_checkpoints_hold_another_model_is_refused_and_left_untouched(
+  run_a, tmp_path, capsys
+):
+  """Without config.json to tell (deleted, or checkpoints copied in), the checkpoint's
+  own parameter shapes are checked before anything is written."""
+  workdir = tmp_path / "a_copy"
+  shutil.copytree(run_a, workdir)
+  (workdir / "config.json").unlink()
+  before = file_hashes(workdir)
+  rc = run_main(*tiny_flags(model__mlp_dim=64), f"--workdir={workdir}")
+  _assert_refused(
+    capsys, rc, ["checkpoint of step 8 holds a different model", "'blocks/0/mlp_in/kernel'"]
+  )
+  assert file_hashes(workdir) == before
+
+
 def test_bad_flag_in_a_real_process_exits_2_on_stderr(tmp_path):
   workdir = tmp_path / "run"
   proc = subprocess.run(
     [
       sys.executable,
       "-m",
-      "adafactor_jax.train",
+      "adafactor_jax.training",
       "--config.optimizr.name=adamw",
       f"--workdir={workdir}",
     ],
@@ -395,6 +447,26 @@ def test_bad_flag_in_a_real_process_exits_2_on_stderr(tmp_path):
   assert "Traceback" not in proc.stderr
   assert proc.stdout == ""
   assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+  ("script", "missing"),
+  [("train_cli", "ml_collections"), ("train_cli", "flax"), ("compare_cli", "orbax")],
+)
+def test_console_scripts_without_the_train_extra_name_it_in_one_line(script, missing, tmp_path):
+  """As after a plain ``pip install adafactor-jax``: the script says what to install."""
+  code = (
+    f"import sys; sys.modules[{missing!r}] = None\n"
+    f"from adafactor_jax.training import {script}; {script}()\n"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+  )
+  assert proc.returncode == 1
+  prog = {"train_cli": "adafactor-train", "compare_cli": "adafactor-compare"}[script]
+  assert proc.stderr.startswith(f"{prog}: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+  assert "pip install 'adafactor-jax[train]'" in proc.stderr and repr(missing) in proc.stderr
+  assert proc.stdout == "" and list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- known bugs
@@ -438,7 +510,7 @@ def test_resolve_config_fills_defaults_and_coerces_types():
   user = ml_collections.ConfigDict(
     {"num_steps": 7, "optimizer": {"learning_rate": 1}, "data": {"suffixes": [".txt", ".md"]}}
   )
-  resolved = train.resolve_config(user)
+  resolved = config_lib.resolve_config(user)
   assert resolved.num_steps == 7
   assert resolved.optimizer.learning_rate == 1.0
   assert isinstance(resolved.optimizer.learning_rate, float)
@@ -465,8 +537,8 @@ def test_resolve_config_fills_defaults_and_coerces_types():
   ids=["bool_for_int", "str_for_int", "typo_key", "eval_fraction_0", "bad_dtype"],
 )
 def test_resolve_config_refuses_naming_the_key(user, fragments):
-  with pytest.raises(train.ConfigError) as error:
-    train.resolve_config(ml_collections.ConfigDict(user))
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.resolve_config(ml_collections.ConfigDict(user))
   assert all(fragment in str(error.value) for fragment in fragments), str(error.value)
   assert isinstance(error.value, ValueError)
 
@@ -483,19 +555,19 @@ def test_learning_rate_schedule_warms_up_then_decays():
   assert np.all(np.diff(values[10:]) <= 0)
   assert values[100] < 0.5 * values[10]
   opt.warmup_steps = 100
-  with pytest.raises(train.ConfigError, match="optimizer.warmup_steps"):
+  with pytest.raises(config_lib.ConfigError, match="optimizer.warmup_steps"):
     train.learning_rate_schedule(opt, 100)
 
 
 def test_set_config_value_sets_none_on_a_typed_field():
   config = default.get_config()
-  train.set_config_value(config, "optimizer.clipping_threshold", None)
+  config_lib.set_config_value(config, "optimizer.clipping_threshold", None)
   assert config.optimizer.clipping_threshold is None
-  assert train.resolve_config(config).optimizer.clipping_threshold is None
+  assert config_lib.resolve_config(config).optimizer.clipping_threshold is None
 
 
 def test_every_shipped_config_resolves_and_builds_its_optimizer():
-  from adafactor_jax.configs import big_vision, t5_finetune
+  from adafactor_jax.training.configs import big_vision, t5_finetune
 
   configs = {
     "default": default.get_config(),
@@ -506,7 +578,7 @@ def test_every_shipped_config_resolves_and_builds_its_optimizer():
   }
   names = set()
   for config in configs.values():
-    resolved = train.resolve_config(config)
+    resolved = config_lib.resolve_config(config)
     train.create_optimizer(resolved.optimizer, resolved.num_steps)
     names.add(resolved.optimizer.name)
   assert names == {"adafactor", "adamw", "big_vision", "t5x"}
@@ -515,14 +587,14 @@ def test_every_shipped_config_resolves_and_builds_its_optimizer():
 
 @pytest.mark.parametrize("name", ["adafactor", "adamw", "t5x"])
 def test_stochastic_rounding_key_rounds_bfloat16_params_for_any_optimizer(name):
-  config = train.resolve_config(default.get_config())
-  train.set_config_value(config, "optimizer.name", name)
-  train.set_config_value(config, "optimizer.learning_rate", 1e-3)
+  config = config_lib.resolve_config(default.get_config())
+  config_lib.set_config_value(config, "optimizer.name", name)
+  config_lib.set_config_value(config, "optimizer.learning_rate", 1e-3)
   params = {"w": jax.numpy.ones((4, 4), jax.numpy.bfloat16)}
   grads = {"w": jax.numpy.full((4, 4), 1e-3, jax.numpy.bfloat16)}
   kinds = {}
   for rounding in (False, True):
-    train.set_config_value(config, "optimizer.stochastic_rounding", rounding)
+    config_lib.set_config_value(config, "optimizer.stochastic_rounding", rounding)
     tx = train.create_optimizer(config.optimizer, config.num_steps)
     updates, _ = tx.update(grads, tx.init(params), params)
     kinds[rounding] = updates["w"].dtype
@@ -534,21 +606,28 @@ def test_stochastic_rounding_key_rounds_bfloat16_params_for_any_optimizer(name):
 
 
 def test_batch_at_is_a_pure_function_of_key_and_step():
-  text = jax.numpy.asarray(np.arange(5000) % 251, jax.numpy.uint8)
+  text = (np.arange(5000) % 251).astype(np.uint8)
   key = jax.random.key(0)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def batch(k, step):
-    return np.asarray(input_pipeline.batch_at(text, k, step, 8, 16))
+    return np.asarray(input_pipeline.batch_at(text, k, step, 8, 16, sharding))
 
   first = batch(key, 3)
   assert first.shape == (8, 17) and first.dtype == np.int32
   assert np.array_equal(first, batch(key, 3))
-  jitted = jax.jit(input_pipeline.batch_at, static_argnums=(3, 4))
-  assert np.array_equal(first, jitted(text, key, jax.numpy.int32(3), 8, 16))
   assert not np.array_equal(first, batch(key, 4))
   assert not np.array_equal(first, batch(jax.random.key(1), 3))
   for row in first:  # contiguous windows of the text
     assert np.array_equal(row, (row[0] + np.arange(17)) % 251)
+  # The windows start where jax.random puts them, on any device: the data stream of a seed.
+  starts = jax.random.randint(jax.random.fold_in(key, 3), (8,), 0, 5000 - 17)
+  assert np.array_equal(first[:, 0], np.asarray(starts) % 251)
+  # The evaluation stack holds batch i at index i.
+  stacked = input_pipeline.eval_batches(text, key, 3, 8, 16, sharding)
+  assert stacked.shape == (3, 8, 17)
+  for i in range(3):
+    assert np.array_equal(np.asarray(stacked[i]), batch(key, i))
 
 
 def _python_files(root: Path, names: range) -> dict[str, bytes]:
@@ -670,7 +749,7 @@ def test_run_suite_shrinks_every_run_and_compare_cli_writes_results(tmp_path, mo
   trained = {}
 
   def fake_train_and_evaluate(config, workdir, progress=True):
-    config = train.resolve_config(config)  # every shrunk config is valid ...
+    config = config_lib.resolve_config(config)  # every shrunk config is valid ...
     tx = train.create_optimizer(config.optimizer, config.num_steps)  # ... and builds
     assert workdir not in trained
     trained[workdir] = config
@@ -693,7 +772,7 @@ def test_run_suite_shrinks_every_run_and_compare_cli_writes_results(tmp_path, mo
       "adamw_state_bytes": train.tree_bytes(jax.eval_shape(adamw_tx.init, params)),
     }
 
-  adamw_tx = train.create_optimizer(train.resolve_config(adamw.get_config()).optimizer, 100)
+  adamw_tx = train.create_optimizer(config_lib.resolve_config(adamw.get_config()).optimizer, 100)
   monkeypatch.setattr(train, "train_and_evaluate", fake_train_and_evaluate)
 
   results = compare.run_suite(

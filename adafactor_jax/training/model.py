@@ -2,7 +2,7 @@
 
 Every parameter carries T5X-style logical axis names ('vocab', 'embed', 'mlp',
 'joined_kv') as nnx sharding metadata, read by ``nnx.get_partition_spec``: a
-mesh maps them to device axes (``adafactor_jax.train_sharded``) and
+mesh maps them to device axes (``config.mesh.logical_axis_rules``) and
 ``adafactor_jax.logical_factor_dims`` to factored axes. The metadata does not
 shard anything by itself (``eager_sharding=False``), so the model builds
 without a mesh.

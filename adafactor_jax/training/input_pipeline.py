@@ -9,13 +9,13 @@ on which other files a machine has. A batch is a pure function of
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sysconfig
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 VOCAB_SIZE = 256  # bytes
@@ -114,15 +114,68 @@ def load_corpus(
   )
 
 
-def batch_at(
-  text: jax.Array, key: jax.Array, step: jax.typing.ArrayLike, batch_size: int, seq_len: int
-) -> jax.Array:
-  """The batch for ``step``: ``batch_size`` random windows of ``seq_len + 1`` bytes.
+def window_starts(
+  key: jax.Array, step: int, batch_size: int, seq_len: int, text_len: int
+) -> np.ndarray:
+  """Where the ``batch_size`` windows of ``seq_len + 1`` bytes of ``step`` start.
 
-  Pure in ``(key, step)``, and traceable, so it runs inside the jitted step.
+  A pure function of ``(key, step)``, computed on the host's CPU device (it is
+  a few integers; an accelerator stays busy with the train step), the same on
+  every process.
   """
-  starts = jax.random.randint(
-    jax.random.fold_in(key, step), (batch_size,), 0, text.shape[0] - seq_len - 1
+  cpu = jax.local_devices(backend="cpu")[0]
+  high = text_len - seq_len - 1
+  return np.asarray(_window_starts(jax.device_put(key, cpu), step, batch_size, high))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _window_starts(key: jax.Array, step: int, batch_size: int, high: int) -> jax.Array:
+  return jax.random.randint(jax.random.fold_in(key, step), (batch_size,), 0, high)
+
+
+def windows(text: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray:
+  """The int32 windows ``text[s : s + seq_len + 1]`` for each start ``s``."""
+  return text[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
+
+
+def batch_at(
+  text: np.ndarray,
+  key: jax.Array,
+  step: int,
+  batch_size: int,
+  seq_len: int,
+  sharding: jax.sharding.Sharding,
+) -> jax.Array:
+  """The batch of ``step``: ``batch_size`` random windows of ``seq_len + 1`` bytes.
+
+  A global array with ``sharding``, of which each process builds only the rows
+  its own devices hold (multi-host input): the rows do not depend on the mesh.
+  """
+  starts = window_starts(key, step, batch_size, seq_len, len(text))
+  return jax.make_array_from_callback(
+    (batch_size, seq_len + 1), sharding, lambda index: windows(text, starts[index[0]], seq_len)
   )
-  windows = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(text, s, seq_len + 1))(starts)
-  return windows.astype(jnp.int32)
+
+
+def eval_batches(
+  text: np.ndarray,
+  key: jax.Array,
+  num_batches: int,
+  batch_size: int,
+  seq_len: int,
+  sharding: jax.sharding.Sharding,
+) -> jax.Array:
+  """The ``num_batches`` evaluation batches, stacked: (num_batches, batch_size, seq_len + 1).
+
+  ``sharding`` shards the stack's second axis (the batch rows).
+  """
+  starts = np.stack(
+    [window_starts(key, i, batch_size, seq_len, len(text)) for i in range(num_batches)]
+  )
+  return jax.make_array_from_callback(
+    (num_batches, batch_size, seq_len + 1),
+    sharding,
+    lambda index: windows(text, starts[index[:2]].reshape(-1), seq_len).reshape(
+      starts[index[:2]].shape + (seq_len + 1,)
+    ),
+  )

@@ -13,9 +13,9 @@ nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("ipykernel")
 
-from adafactor_jax.configs import paper  # noqa: E402
+from adafactor_jax.training.configs import paper  # noqa: E402
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 CELL_TIMEOUT_SEC = 300
 
 
@@ -99,8 +99,14 @@ def test_sharded(tmp_path, monkeypatch):
   here, total = (int(n.replace(",", "")) for n in sizes.groups())
   assert 0 < here < total / 2, text
   assert re.search(r"^state_shardings: \d+ shardings, equal to opt_state's$", text, re.M), text
-  losses = [float(x) for x in re.findall(r"^step +\d+  loss (\d+\.\d+)$", text, re.MULTILINE)]
-  assert len(losses) == 3 and losses[-1] < losses[0], text
   collectives = re.search(r"^collectives: Counter\((.*)\)$", text, re.MULTILINE).group(1)
   assert "'all-reduce'" in collectives and "all-gather" not in collectives, text
+  # The job on 2 x 4, then resumed on 8 x 1 from the halfway checkpoint, with the same losses.
+  assert re.search(r"^mesh \{'data': 2, 'model': 4\} devices 8 processes 1$", text, re.M), text
+  assert re.search(r"^resumed at step 2 on mesh \{'data': 8, 'model': 1\}$", text, re.M), text
+  rows = re.findall(r"^step +(\d+)  loss 2x4 (\d+\.\d+)  8x1 (\d+\.\d+)$", text, re.MULTILINE)
+  assert [int(step) for step, _, _ in rows] == [2, 4], text
+  for _, a, b in rows:
+    assert abs(float(a) - float(b)) <= 1e-4, text
+  assert float(rows[-1][1]) < float(rows[0][1]), text
   assert images == 0, text

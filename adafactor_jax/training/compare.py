@@ -3,7 +3,7 @@
 Usage::
 
   adafactor-compare [--suite default|paper] [--workdir runs/compare] [--num_steps N]
-  python -m adafactor_jax.compare ...      # the same
+  python -m adafactor_jax.training.compare ...      # the same
 
 Suites:
 
@@ -25,8 +25,11 @@ import os
 import sys
 from typing import Any
 
-from adafactor_jax import train
-from adafactor_jax.configs import adamw, big_vision, default, paper
+from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
+
+from adafactor_jax.training import input_pipeline, train
+from adafactor_jax.training.config import ConfigError, set_config_value
+from adafactor_jax.training.configs import adamw, big_vision, default, paper
 
 ADAMW_LEARNING_RATES = (1e-3, 3e-3, 1e-2)
 PAPER_STEPS = 300
@@ -71,7 +74,7 @@ def run_suite(
   results = []
   for name, config in suite_configs(suite).items():
     for key, value in (overrides or {}).items():
-      train.set_config_value(config, key, value)
+      set_config_value(config, key, value)
     if num_steps is not None:  # short runs, for smoke tests: warmups shrink to fit
       config.num_steps = config.checkpoint_every = num_steps
       config.log_every = math.gcd(num_steps, config.log_every)
@@ -116,8 +119,6 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def chart(results: list[dict[str, Any]], path: str, title: str) -> None:
-  from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
-
   fig = Figure(figsize=(12, 4.5))
   curves, state = fig.subplots(1, 2, width_ratios=(3, 2))
   for r in results:
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"--num_steps must be > 0, got {args.num_steps}.")
   try:
     results = run_suite(args.suite, args.workdir, args.num_steps, args.progress)
-  except (train.ConfigError, train.input_pipeline.CorpusError) as e:
+  except (ConfigError, input_pipeline.CorpusError) as e:
     print(f"adafactor-compare: error: {e}", file=sys.stderr)
     return 2
   base = os.path.join(args.workdir, args.suite)

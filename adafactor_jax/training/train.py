@@ -1,0 +1,619 @@
+"""Trains a small Transformer language model with Adafactor (or AdamW, to compare), on any mesh.
+
+``train_and_evaluate`` runs (or resumes) the job in a workdir, on a
+('data', 'model') mesh over every device of every process (``config.mesh``);
+one device is a mesh of one. The workdir receives ``config.json``,
+``metrics.jsonl`` (train and eval records), ``loss.png``, ``summary.json`` and
+sharded Orbax checkpoints under ``checkpoints/``; on several processes, process
+0 alone writes all but the checkpoints, of which each process writes its own
+shards.
+
+Rerunning with the same workdir resumes from the last complete checkpoint, on
+this mesh or another (the arrays are resharded on restore); the data of step
+``t`` depends only on ``(seed, t)``, so a run resumed on the same mesh ends
+exactly where an uninterrupted one would. SIGTERM or Ctrl-C (SIGINT) stops the
+job after the step in flight, with a checkpoint of it (every process stops
+after the same step); a second signal kills at once. A job killed outright
+(SIGKILL, a lost machine) resumes from the last checkpoint whose write
+completed: Orbax writes each into a temporary directory and renames it only
+once complete, and temporary directories are never restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
+from tqdm import tqdm
+
+import adafactor_jax
+from adafactor_jax._checks import path_name
+from adafactor_jax.training import input_pipeline, partitioning
+from adafactor_jax.training.config import ConfigError, dtype, flatten, resolve_config
+from adafactor_jax.training.model import TransformerLM
+
+# Keys whose change makes an existing workdir's checkpoints a different run.
+RUN_DEFINING_KEYS = ("seed", "data", "model", "optimizer")
+
+
+class Stopped(Exception):
+  """The job stopped early on a signal, after saving a checkpoint of the last step."""
+
+  def __init__(self, signum: int, step: int):
+    self.signum, self.step = signum, step
+    super().__init__(
+      f"stopped by {signal.Signals(signum).name} after step {step}; a checkpoint of that step "
+      "is saved: rerun the same command to resume."
+    )
+
+
+class _StopOnSignal:
+  """Turns the first SIGTERM or SIGINT into a request to stop after the current step.
+
+  A second signal gets the previous handler (SIGINT raises KeyboardInterrupt,
+  SIGTERM kills the process). Outside the main thread, where Python cannot
+  take signals, nothing is installed. On several processes, ``requested()``
+  is the same on all of them at each step: the first signal any process got.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def _handle(self, signum, frame):
+    self.signum = signum
+    self._restore()
+
+  def _restore(self):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def requested(self) -> int | None:
+    """The signal to stop on after this step, agreed by every process; None to go on."""
+    if jax.process_count() == 1:
+      return self.signum
+    # A tiny all-gather per step: every process must save the same last step.
+    votes = multihost_utils.process_allgather(np.int32(self.signum or 0))
+    return int(np.max(votes)) or None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc):
+    self._restore()
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule | None:
+  """The configured schedule: linear warmup, then constant, cosine or rsqrt decay."""
+  if opt.learning_rate is None:
+    if opt.schedule != "constant" or opt.warmup_steps:
+      raise ConfigError(
+        "config keys 'optimizer.schedule' and 'optimizer.warmup_steps' need "
+        "'optimizer.learning_rate'; without one Adafactor uses its relative step size."
+      )
+    return None
+  peak, warmup = opt.learning_rate, opt.warmup_steps
+  if peak <= 0:
+    raise ConfigError(f"config key 'optimizer.learning_rate' must be > 0, got {peak!r}.")
+  if warmup < 0 or warmup >= num_steps:
+    raise ConfigError(
+      f"config key 'optimizer.warmup_steps' must be in [0, num_steps={num_steps}), got {warmup!r}."
+    )
+  if opt.schedule == "constant":
+    decay = optax.constant_schedule(peak)
+  elif opt.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, num_steps - warmup, alpha=0.1)
+  elif opt.schedule == "rsqrt":
+    # rsqrt_decay holds the peak for its warmup steps rather than ramping up to it.
+    return adafactor_jax.schedules.rsqrt_decay(peak, warmup_steps=max(warmup, 1))
+  else:
+    raise ConfigError(
+      f"config key 'optimizer.schedule' must be 'constant', 'cosine' or 'rsqrt', got "
+      f"{opt.schedule!r}."
+    )
+  if not warmup:
+    return decay
+  ramp = optax.linear_schedule(peak / warmup, peak, warmup)
+  return optax.join_schedules([ramp, decay], [warmup])
+
+
+def create_optimizer(
+  opt: ml_collections.ConfigDict, num_steps: int, param_axes: Any = None
+) -> optax.GradientTransformation:
+  """Builds the configured optimizer; invalid settings raise ConfigError naming the key.
+
+  With ``param_axes`` (the params' logical axis names), Adafactor chooses its
+  factored axes by those names (``adafactor_jax.logical_factor_dims``), the
+  names that shard the parameters; without, by their shapes.
+  """
+  lr = learning_rate_schedule(opt, num_steps)
+  try:
+    factor_dims = None
+    if param_axes is not None:
+      factor_dims = adafactor_jax.logical_factor_dims(
+        param_axes, min_dim_size_to_factor=opt.min_dim_size_to_factor
+      )
+    tx = _create_optimizer(opt, lr, factor_dims)
+    if opt.stochastic_rounding and opt.name != "adafactor":
+      tx = optax.chain(tx, adafactor_jax.stochastic_rounding(opt.rounding_seed))
+    return tx
+  except ConfigError:
+    raise
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"optimizer {opt.name!r}: {e}") from e
+
+
+def _create_optimizer(
+  opt: ml_collections.ConfigDict, lr: optax.ScalarOrSchedule | None, factor_dims: Any
+) -> optax.GradientTransformation:
+  if opt.name == "adafactor":
+    return adafactor_jax.adafactor(
+      learning_rate=lr,
+      decay_rate=opt.decay_rate,
+      decay_offset=opt.decay_offset,
+      beta2_cap=opt.beta2_cap,
+      clipping_threshold=opt.clipping_threshold,
+      multiply_by_parameter_scale=opt.multiply_by_parameter_scale,
+      epsilon1=opt.epsilon1,
+      epsilon2=opt.epsilon2,
+      warmup_init=opt.warmup_init,
+      momentum=opt.momentum,
+      momentum_dtype=dtype("optimizer.momentum_dtype", opt.momentum_dtype),
+      weight_decay=opt.weight_decay,
+      factored=opt.factored,
+      min_dim_size_to_factor=opt.min_dim_size_to_factor,
+      factor_dims=factor_dims if opt.factored else None,
+      skip_nonfinite=opt.skip_nonfinite,
+      stochastic_rounding=opt.stochastic_rounding,
+      rounding_seed=opt.rounding_seed,
+    )
+  if opt.name == "big_vision":
+    return adafactor_jax.presets.big_vision(
+      learning_rate=lr,
+      weight_decay=opt.weight_decay,
+      momentum=opt.momentum,
+      momentum_dtype=dtype("optimizer.momentum_dtype", opt.momentum_dtype),
+      beta2_cap=opt.beta2_cap,
+      min_dim_size_to_factor=opt.min_dim_size_to_factor,
+    )
+  if opt.name == "t5x":
+    return adafactor_jax.presets.t5x(
+      learning_rate=lr,
+      weight_decay=opt.weight_decay,
+      momentum=opt.momentum,
+      factor_dims=factor_dims,
+    )
+  if opt.name == "adamw":
+    if lr is None:
+      raise ConfigError("config key 'optimizer.learning_rate' is required for adamw.")
+    return optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay or 0.0)
+  raise ConfigError(
+    f"config key 'optimizer.name' must be 'adafactor', 'big_vision', 't5x' or 'adamw', got "
+    f"{opt.name!r}."
+  )
+
+
+def tree_bytes(tree: Any) -> int:
+  """Bytes of the arrays (or abstract arrays) in a pytree."""
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+# --------------------------------------------------------------------------- model and steps
+
+
+def create_model(config: ml_collections.ConfigDict) -> TransformerLM:
+  m = config.model
+  return TransformerLM(
+    vocab_size=input_pipeline.VOCAB_SIZE,
+    seq_len=config.data.seq_len,
+    d_model=m.d_model,
+    num_layers=m.num_layers,
+    num_heads=m.num_heads,
+    mlp_dim=m.mlp_dim,
+    embed_init_scale=m.embed_init_scale,
+    dtype=dtype("model.param_dtype", m.param_dtype),
+    rngs=nnx.Rngs(config.seed),
+  )
+
+
+def next_token_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array) -> jax.Array:
+  logits = nnx.merge(graphdef, params)(batch[:, :-1]).astype(jnp.float32)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+
+@dataclasses.dataclass(frozen=True)
+class Shardings:
+  """Where everything lives on the mesh."""
+
+  params: Any
+  opt_state: Any
+  batch: NamedSharding  # rows over 'data'
+  eval_batches: NamedSharding  # (batch index, rows over 'data', bytes)
+  replicated: NamedSharding
+
+
+def create_shardings(
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  tx: optax.GradientTransformation,
+  abstract_params: Any,
+  param_axes: Any,
+) -> Shardings:
+  """The shardings of the params (by their logical names), the state, and the batches.
+
+  Raises:
+    ConfigError: when the data axis does not divide the batch, or a mesh axis
+      does not divide a parameter dimension that the rules shard over it.
+  """
+  rules = config.mesh.logical_axis_rules
+  batch_spec = partitioning.mesh_spec(PartitionSpec("batch"), rules)
+  data_devices = math.prod(mesh.shape[axis] for axis in batch_spec if axis is not None)
+  if config.data.batch_size % data_devices:
+    raise ConfigError(
+      f"config key 'data.batch_size' ({config.data.batch_size}) must be a multiple of the "
+      f"{data_devices} devices that its rows are sharded over (mesh {dict(mesh.shape)}, "
+      f"'batch' -> {batch_spec[0]!r} in 'mesh.logical_axis_rules')."
+    )
+  params = partitioning.param_shardings(param_axes, abstract_params, mesh, rules)
+  return Shardings(
+    params=params,
+    opt_state=adafactor_jax.state_shardings(tx, abstract_params, params),
+    batch=NamedSharding(mesh, batch_spec),
+    eval_batches=NamedSharding(mesh, PartitionSpec(None, *batch_spec)),
+    replicated=NamedSharding(mesh, PartitionSpec()),
+  )
+
+
+def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, shardings: Shardings):
+  """The train step (params and state donated, updated in place) and evaluation, compiled for
+  the shardings."""
+  loss_fn = functools.partial(next_token_loss, graphdef)
+
+  @functools.partial(
+    jax.jit,
+    in_shardings=(shardings.params, shardings.opt_state, shardings.batch),
+    out_shardings=(shardings.params, shardings.opt_state, shardings.replicated),
+    donate_argnums=(0, 1),
+  )
+  def train_step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  @functools.partial(
+    jax.jit,
+    in_shardings=(shardings.params, shardings.eval_batches),
+    out_shardings=shardings.replicated,
+  )
+  def evaluate(params, batches):
+    return jnp.mean(jax.lax.map(functools.partial(loss_fn, params), batches))
+
+  return train_step, evaluate
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
+
+
+# --------------------------------------------------------------------------- workdir
+
+
+@dataclasses.dataclass
+class Workdir:
+  path: str
+
+  def file(self, name: str) -> str:
+    return os.path.join(self.path, name)
+
+  def check(self, config: ml_collections.ConfigDict, abstract_params: Any) -> None:
+    """Refuses a workdir that is not writable or holds another run; writes nothing to keep."""
+    try:
+      os.makedirs(self.path, exist_ok=True)
+      probe = self.file(f".write-test-{jax.process_index()}")
+      with open(probe, "w") as f:
+        f.write("ok")
+      os.remove(probe)
+    except OSError as e:
+      raise ConfigError(f"--workdir {self.path!r} is not writable: {e.strerror}.") from e
+    saved = self.file("config.json")
+    if os.path.exists(saved):
+      # A cosine schedule's length is num_steps: extending such a run would change its past.
+      extra = ("num_steps",) if config.optimizer.schedule == "cosine" else ()
+      current = flatten(ml_collections.ConfigDict(json.loads(config.to_json())))
+      with open(saved) as f:
+        previous = flatten(ml_collections.ConfigDict(json.load(f)))
+      changed = sorted(
+        key
+        for key in current.keys() | previous.keys()
+        if key.split(".")[0] in RUN_DEFINING_KEYS + extra and current.get(key) != previous.get(key)
+      )
+      if changed:
+        raise ConfigError(
+          f"--workdir {self.path!r} holds a run with a different config "
+          f"({', '.join(changed)}); its checkpoints are left untouched. "
+          "Use a new --workdir, or the same settings to resume."
+        )
+    self._check_checkpointed_model(abstract_params)
+
+  def _check_checkpointed_model(self, abstract_params: Any) -> None:
+    """The latest checkpoint's parameters must have this model's names and shapes."""
+    if not os.path.isdir(self.file("checkpoints")):
+      return
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # not the warning that a read-only manager cannot save
+    try:
+      with ocp.CheckpointManager(
+        self.file("checkpoints"), options=options, item_handlers=ocp.StandardCheckpointHandler()
+      ) as manager:
+        step = manager.latest_step()
+        if step is None:
+          return
+        saved = manager.item_metadata(step)["params"]
+    finally:
+      absl_logger.setLevel(level)
+    have = {_param_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+    want = {
+      _param_path(p): tuple(x.shape)
+      for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)
+    }
+    if have != want:
+      diff = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
+      first = diff[0]
+      raise ConfigError(
+        f"--workdir {self.path!r}: its checkpoint of step {step} holds a different model "
+        f"(parameter '{first}': {have.get(first, 'absent')} in the checkpoint, "
+        f"{want.get(first, 'absent')} in this config; {len(diff)} parameter(s) differ). "
+        "Its checkpoints are left untouched: use a new --workdir."
+      )
+
+  def write_config(self, config: ml_collections.ConfigDict) -> None:
+    with open(self.file("config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
+
+  def read_metrics(self, up_to_step: int) -> list[dict]:
+    """The metric records up to a step; later ones (from an interrupted run) are dropped."""
+    path = self.file("metrics.jsonl")
+    if not os.path.exists(path):
+      return []
+    with open(path) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if r["step"] <= up_to_step]
+
+  def write_metrics(self, records: list[dict]) -> None:
+    temporary = self.file("metrics.jsonl.tmp")
+    with open(temporary, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(temporary, self.file("metrics.jsonl"))
+
+
+def _param_path(path: jax.tree_util.KeyPath) -> str:
+  # nnx.State adds a '/value' key to each parameter that Orbax's metadata tree does not have.
+  return path_name(path).removesuffix("/value")
+
+
+def plot_losses(records: list[dict], path: str, title: str) -> None:
+  fig = Figure(figsize=(7, 4))
+  ax = fig.subplots()
+  for key, style in (("train_loss", "-"), ("eval_loss", "o-")):
+    points = [(r["step"], r[key]) for r in records if key in r]
+    if points:
+      ax.plot(*zip(*points, strict=True), style, label=key.replace("_", " "), markersize=3)
+  ax.set(xlabel="step", ylabel="loss (nats/byte)", title=title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def _sync(name: str) -> None:
+  """All processes reach this point before any goes on (nothing to do on one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, progress: bool = True
+) -> dict[str, Any]:
+  """Runs (or resumes) the job on the configured mesh and returns the summary it also writes.
+
+  Everything that can be refused (config, mesh, optimizer, corpus, workdir)
+  is checked before the workdir is written to.
+  """
+  config = resolve_config(config)
+  mesh = partitioning.create_mesh(config.mesh)
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: create_model(config)))
+  param_axes = nnx.get_partition_spec(abstract_params)
+  tx = create_optimizer(config.optimizer, config.num_steps, param_axes)
+  shardings = create_shardings(config, mesh, tx, abstract_params, param_axes)
+  corpus = input_pipeline.load_corpus(
+    config.data.corpus,
+    tuple(config.data.suffixes),
+    config.data.max_bytes,
+    config.data.eval_fraction,
+    min_bytes=config.data.seq_len + 2,
+  )
+  work = Workdir(os.path.abspath(workdir))
+  work.check(config, abstract_params)
+  _sync("adafactor-train: workdir checked")  # before process 0 writes into it
+  main_process = jax.process_index() == 0
+  if main_process:
+    work.write_config(config)
+
+  # Made on the mesh, each device computing its own shards: no host copy of the model.
+  params = jax.jit(lambda: nnx.state(create_model(config)), out_shardings=shardings.params)()
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  train_step, evaluate = make_steps(graphdef, tx, shardings)
+  data_key, eval_key = jax.random.split(jax.random.key(config.seed))
+  batch_size, seq_len = config.data.batch_size, config.data.seq_len
+  eval_data = input_pipeline.eval_batches(
+    corpus.eval, eval_key, config.eval_batches, batch_size, seq_len, shardings.eval_batches
+  )
+
+  manager = ocp.CheckpointManager(
+    work.file("checkpoints"),
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints, enable_async_checkpointing=False, create=True
+    ),
+  )
+  # The losses of the steps since the last log record: a checkpoint taken
+  # between records (on a signal) keeps them, so the resumed run logs the
+  # same window means as an uninterrupted one.
+  pending_losses = np.full((config.log_every,), np.nan, np.float32)
+  start, window = 0, []
+  if manager.latest_step() is not None:
+    start = manager.latest_step()
+    target = {
+      "params": _abstract(params, shardings.params),
+      "opt_state": _abstract(opt_state, shardings.opt_state),
+      "pending_losses": pending_losses,
+    }
+    restored = manager.restore(start, args=ocp.args.StandardRestore(target))
+    params, opt_state = restored["params"], restored["opt_state"]
+    window = list(np.asarray(restored["pending_losses"])[: start % config.log_every])
+  records = work.read_metrics(start) if main_process else []
+
+  def save(step: int) -> None:
+    if main_process:
+      work.write_metrics(records)
+    pending = pending_losses.copy()
+    pending[: len(window)] = np.asarray(window, np.float32)
+    tree = {"params": params, "opt_state": opt_state, "pending_losses": pending}
+    manager.save(step, args=ocp.args.StandardSave(tree))
+
+  title = f"{config.optimizer.name} on {corpus.num_files} files, mesh {dict(mesh.shape)}"
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  show = progress and main_process
+  if show:
+    print(
+      f"{num_params:,} params; {len(corpus.train):,} train / {len(corpus.eval):,} eval bytes; "
+      f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+      f"device(s), {jax.process_count()} process(es); "
+      + (f"resuming at step {start}" if start else "starting")
+      + f"; workdir {work.path}",
+      flush=True,
+    )
+  began = time.perf_counter()
+  bar = tqdm(
+    total=config.num_steps, initial=start, disable=not show, unit="step", dynamic_ncols=True
+  )
+  log = bar.write if show else lambda _: None
+  window_start = time.perf_counter()
+  stop, queued, signum = _StopOnSignal(), None, None
+  with stop:
+    for step in range(start, config.num_steps):
+      batch = input_pipeline.batch_at(
+        corpus.train, data_key, step, batch_size, seq_len, shardings.batch
+      )
+      params, opt_state, loss = train_step(params, opt_state, batch)
+      if queued is not None:  # wait for the previous step only: the bar's rate is real
+        queued.block_until_ready()
+        bar.update(1)
+      queued = loss
+      window.append(loss)
+      done = step + 1
+      if done % config.log_every == 0 or done == config.num_steps:
+        train_loss = float(jnp.mean(jnp.stack(window)))
+        bar.update(1)
+        rate = len(window) / (time.perf_counter() - window_start)
+        records.append({"step": done, "train_loss": train_loss, "steps_per_sec": rate})
+        bar.set_postfix(loss=f"{train_loss:.3f}")
+        window, window_start, queued = [], time.perf_counter(), None
+        if not math.isfinite(train_loss) and not config.optimizer.skip_nonfinite:
+          log(f"step {done}: train loss is {train_loss}; the run has diverged.")
+      if done % config.eval_every == 0 or done == config.num_steps:
+        eval_loss = float(evaluate(params, eval_data))
+        records.append({"step": done, "eval_loss": eval_loss})
+        log(f"step {done}: eval loss {eval_loss:.4f}")
+        if main_process:
+          plot_losses(records, work.file("loss.png"), title)
+      signum = stop.requested()
+      if done % config.checkpoint_every == 0 or done == config.num_steps or signum:
+        save(done)
+        window_start = time.perf_counter()
+        signum = signum or stop.requested()  # a signal during the write: this step is saved
+      if signum:
+        break
+  bar.close()
+  manager.wait_until_finished()
+  manager.close()
+  if signum:
+    raise Stopped(signum, done)
+
+  adamw_bytes = tree_bytes(jax.eval_shape(optax.adamw(1e-3).init, params))
+  train_losses = [r["train_loss"] for r in records if "train_loss" in r]
+  eval_losses = [r["eval_loss"] for r in records if "eval_loss" in r]
+  summary = {
+    "optimizer": config.optimizer.name,
+    "steps": config.num_steps,
+    "resumed_from": start,
+    "final_train_loss": train_losses[-1] if train_losses else None,
+    "final_eval_loss": eval_losses[-1] if eval_losses else None,
+    "wall_time_sec": time.perf_counter() - began,
+    "num_params": int(num_params),
+    "param_bytes": tree_bytes(params),
+    "optimizer_state_bytes": tree_bytes(opt_state),
+    "adamw_state_bytes": adamw_bytes,
+    "mesh": dict(mesh.shape),
+    "num_devices": jax.device_count(),
+    "num_processes": jax.process_count(),
+    "param_bytes_per_device": partitioning.per_device_bytes(params),
+    "optimizer_state_bytes_per_device": partitioning.per_device_bytes(opt_state),
+  }
+  if main_process:
+    work.write_metrics(records)
+    plot_losses(records, work.file("loss.png"), title)
+    with open(work.file("summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  if show:
+    print(format_summary(summary), flush=True)
+  return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+  share = s["optimizer_state_bytes"] / s["adamw_state_bytes"]
+  return "\n".join(
+    [
+      f"final train loss   {s['final_train_loss']:.4f}",
+      f"final eval loss    {s['final_eval_loss']:.4f}",
+      f"wall time          {s['wall_time_sec']:.1f} s"
+      + (f" (resumed at step {s['resumed_from']})" if s["resumed_from"] else ""),
+      f"optimizer state    {s['optimizer_state_bytes']:,} bytes "
+      f"= {100 * share:.2f}% of AdamW's {s['adamw_state_bytes']:,}",
+      f"per device         {s['param_bytes_per_device']:,} bytes of params, "
+      f"{s['optimizer_state_bytes_per_device']:,} of optimizer state "
+      f"(mesh {s['mesh']}, {s['num_processes']} process(es))",
+    ]
+  )
