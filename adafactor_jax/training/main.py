@@ -2,10 +2,13 @@
 
 Usage::
 
-  adafactor-train [--config configs/<name>.py[:<arg>]] [--workdir DIR] [--config.<key>=<value>]
+  adafactor-train [--config NAME[:ARG] | PATH.py[:ARG]] [--workdir DIR] [--config.<key>=<value>]
   python -m adafactor_jax.training ...     # the same
 
-With no arguments it runs ``configs/default.py`` in ``./runs/default`` on a
+``--config`` takes a packaged config by name (``big_vision``, ``paper:no_clipping``;
+``--help`` lists them) or a config file of your own. With no arguments it runs
+the ``default`` config in ``./runs/default`` (a config's runs go to
+``./runs/<name>`` unless ``--workdir`` says otherwise), on a
 mesh of every device there is (``--config.mesh.data``, ``--config.mesh.model``;
 -1 takes the remaining devices). The workdir receives ``config.json``,
 ``metrics.jsonl``, ``loss.png``, ``summary.json`` and Orbax checkpoints under
@@ -22,11 +25,13 @@ with the same flags but its own ``--process_id``::
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import traceback
 
 import jax
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
@@ -41,19 +46,83 @@ from adafactor_jax.training.config import (
 from adafactor_jax.training.configs import default as default_config
 
 PROG = "adafactor-train"
+CONFIGS_DIR = os.path.dirname(os.path.abspath(default_config.__file__))
 
 
-def _define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
-  config_flags.DEFINE_config_file(
-    "config",
-    default_config.__file__,
-    "Path to a config file, with optional ':<arg>'.",
-    flag_values=flag_values,
-    lock_config=True,
-    sys_argv=argv,
+def packaged_configs() -> list[str]:
+  """The names of the configs installed with the package (``configs/`` of the repository)."""
+  return sorted(
+    name.removesuffix(".py")
+    for name in os.listdir(CONFIGS_DIR)
+    if name.endswith(".py") and not name.startswith("_")
   )
+
+
+def config_names() -> str:
+  """The packaged configs as ``--config`` takes them, the paper's rows spelt out."""
+  from adafactor_jax.training.configs import paper
+
+  names = [name for name in packaged_configs() if name != "paper"]
+  return ", ".join(names) + ", paper:<row> with <row> one of " + ", ".join(paper.ROWS)
+
+
+def load_config(spec: str) -> tuple[ml_collections.ConfigDict, str]:
+  """The config of ``--config NAME[:ARG]`` or ``PATH.py[:ARG]``, and a name for its workdir.
+
+  A path that is not a file but names a packaged config (``configs/big_vision.py``
+  outside the checkout) is that config.
+
+  Raises:
+    ConfigError: for a config that is neither a file nor a packaged name, that
+      fails to load, or whose ``get_config`` does not return a ConfigDict.
+  """
+  path, colon, arg = spec.partition(":")
+  name = os.path.basename(path).removesuffix(".py")
+  if not os.path.isfile(path):
+    if name not in packaged_configs():
+      raise ConfigError(
+        f"--config {spec!r}: no such file, nor a packaged config {name!r}. "
+        f"The packaged configs: {config_names()}."
+      )
+    path = os.path.join(CONFIGS_DIR, f"{name}.py")
+  module_spec = importlib.util.spec_from_file_location(f"adafactor_train_config_{name}", path)
+  if module_spec is None or module_spec.loader is None:
+    raise ConfigError(f"--config {spec!r}: {path!r} is not a Python file.")
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    config = module.get_config(*([arg] if colon else []))
+  except Exception as e:  # noqa: BLE001 (anything a config file raises is reported, no traceback)
+    raise ConfigError(f"--config {spec!r}: {type(e).__name__}: {e}") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(
+      f"--config {spec!r}: the config must be an ml_collections.ConfigDict "
+      f"(get_config() returned a {type(config).__name__})."
+    )
+  return config, name + (f"-{arg}" if arg else "")
+
+
+CONFIG_HELP = (
+  "A packaged config's name or a config file, with optional ':<arg>'; then any key as "
+  "--config.<key>=<value>."
+)
+
+
+def _define_flags(
+  flag_values: flags.FlagValues,
+  argv: list[str],
+  config: ml_collections.ConfigDict | None,
+  workdir: str,
+) -> None:
+  """The job's flags; with ``config`` None (for --help), --config as the name it is given as."""
+  if config is None:
+    flags.DEFINE_string("config", "default", CONFIG_HELP, flag_values=flag_values)
+  else:
+    config_flags.DEFINE_config_dict(
+      "config", config, CONFIG_HELP, flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
   flags.DEFINE_string(
-    "workdir", "runs/default", "Where metrics and checkpoints go.", flag_values=flag_values
+    "workdir", workdir, "Where metrics and checkpoints go.", flag_values=flag_values
   )
   flags.DEFINE_bool("progress", True, "Show the progress bar and summary.", flag_values=flag_values)
   flags.DEFINE_string(
@@ -81,25 +150,28 @@ def _define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """``adafactor-train``: parses flags with absl and ml_collections, runs the job."""
+  """``adafactor-train``: loads the config, parses flags with absl and ml_collections, runs."""
   argv = list(sys.argv if argv is None else argv)
+  if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv[1:]):
+    flag_values = flags.FlagValues()
+    _define_flags(flag_values, argv[:1], None, "runs/<config name>")
+    print(f"{__doc__}\nPackaged configs: {config_names()}.\n\nFlags:\n{flag_values.get_help()}")
+    return 0
   try:
-    argv, unset, config_path = _config_overrides(argv)
+    argv, unset, spec = _config_overrides(argv)
+    config, name = load_config(spec)
   except ConfigError as e:
     return _fail(str(e))
   flag_values = flags.FlagValues()
-  _define_flags(flag_values, argv)
-  if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv[1:]):
-    print(__doc__ + "\nFlags:\n" + flag_values.get_help())
-    return 0
+  _define_flags(flag_values, argv, config, os.path.join("runs", name))
   try:
     rest = flag_values(argv)
   except flags.Error as e:
     return _fail(str(e))
-  except (OSError, KeyError, AttributeError, TypeError) as e:  # raised by config_flags
-    return _fail(f"cannot apply the flags to --config {config_path!r}: {e!r}")
+  except (KeyError, AttributeError, TypeError) as e:  # raised by config_flags
+    return _fail(f"cannot apply the flags to --config {spec!r}: {e!r}")
   if len(rest) > 1:
-    return _fail(f"unexpected argument {rest[1]!r} (a config file is passed as --config PATH).")
+    return _fail(f"unexpected argument {rest[1]!r} (a config is passed as --config NAME or PATH).")
   for key in unset:
     set_config_value(flag_values.config, key, None)
   distributed = (
@@ -152,48 +224,38 @@ def _fail(message: str) -> int:
 
 
 def _config_overrides(argv: list[str]) -> tuple[list[str], list[str], str]:
-  """Checks ``--config.<key>`` flags against the default config's keys.
+  """Takes ``--config NAME|PATH`` out of the arguments, and checks the ``--config.<key>`` flags.
 
   absl reports an unknown key as a bare AttributeError, and cannot parse
   ``None`` for a float field; this names the key and its nearest match, and
   takes out the ``=None`` flags to apply after parsing. Returns the remaining
-  arguments, the keys to set to None, and the config file's path.
+  arguments, the keys to set to None, and the ``--config`` value ('default'
+  when there is none).
   """
   default = default_config.get_config()
   types, nullable = field_types(default), nullable_keys(default)
-  kept, unset, config_path = [], [], default_config.__file__
+  kept, unset, spec = [], [], "default"
   args = iter(argv)
   for arg in args:
     if arg.startswith("--config="):
-      path = arg[len("--config=") :].split(":")[0]
+      spec = arg[len("--config=") :]
     elif arg == "--config":
-      kept.append(arg)
-      arg = next(args, "")
-      path = arg.split(":")[0]
+      spec = next(args, "")
     elif arg.startswith("--config."):
       key, equals, value = arg[len("--config.") :].partition("=")
       if key not in types:
         raise unknown_key(key, types, flag=arg)
       if not equals:  # the space-separated form, --config.key value
         value = next(args, "")
-        kept.append(arg)
-        arg = value
       if value == "None":
         if key not in nullable:
           raise ConfigError(f"config key {key!r} cannot be None.")
         unset.append(key)
-        if not equals:
-          kept.pop()
-        continue
-      path = None
+      else:
+        kept.append(f"--config.{key}={value}")
     else:
-      path = None
-    if path is not None:
-      if not os.path.isfile(path):
-        raise ConfigError(f"--config {path!r}: no such file.")
-      config_path = path
-    kept.append(arg)
-  return kept, unset, config_path
+      kept.append(arg)
+  return kept, unset, spec
 
 
 def cli() -> None:

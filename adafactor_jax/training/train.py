@@ -361,10 +361,10 @@ class Workdir:
           f"({', '.join(changed)}); its checkpoints are left untouched. "
           "Use a new --workdir, or the same settings to resume."
         )
-    self._check_checkpointed_model(abstract_params)
+    self._check_checkpoints(abstract_params, config.num_steps)
 
-  def _check_checkpointed_model(self, abstract_params: Any) -> None:
-    """The latest checkpoint's parameters must have this model's names and shapes."""
+  def _check_checkpoints(self, abstract_params: Any, num_steps: int) -> None:
+    """The latest checkpoint must be of this model, and not past ``num_steps``."""
     if not os.path.isdir(self.file("checkpoints")):
       return
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
@@ -381,6 +381,12 @@ class Workdir:
         saved = manager.item_metadata(step)["params"]
     finally:
       absl_logger.setLevel(level)
+    if step > num_steps:
+      raise ConfigError(
+        f"--workdir {self.path!r} holds a run checkpointed at step {step}, past "
+        f"'num_steps' = {num_steps}: it cannot be resumed to a shorter length. Its "
+        f"checkpoints are left untouched: use a new --workdir, or num_steps >= {step}."
+      )
     have = {_param_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
     want = {
       _param_path(p): tuple(x.shape)

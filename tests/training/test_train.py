@@ -26,7 +26,7 @@ from flax import nnx
 
 from adafactor_jax.training import compare, input_pipeline, main, train
 from adafactor_jax.training import config as config_lib
-from adafactor_jax.training.configs import adamw, default, paper
+from adafactor_jax.training.configs import adamw, big_vision, default, paper, t5_finetune
 from tests.conftest import assert_bit_identical
 
 PROG = "adafactor-train"
@@ -374,11 +374,13 @@ def test_config_file_returning_a_dict_is_refused(tmp_path, capsys):
   assert not (tmp_path / "run").exists()
 
 
-def test_unknown_paper_row_is_refused_with_the_rows(tmp_path, capsys):
-  rc = run_main(f"--config={PAPER_FILE}:no_such_row", f"--workdir={tmp_path / 'run'}")
+@pytest.mark.parametrize("spec", [f"{PAPER_FILE}:no_such_row", "paper:no_such_row"])
+def test_unknown_paper_row_is_refused_with_the_rows(spec, tmp_path, capsys):
+  rc = run_main(f"--config={spec}", f"--workdir={tmp_path / 'run'}")
   out, err = capsys.readouterr()
   assert rc == 2
-  assert err.startswith(f"{PROG}: error: ")
+  assert err.startswith(f"{PROG}: error: ") and err.count("\n") == 1, err
+  assert "Traceback" not in err
   assert "unknown row 'no_such_row'" in err
   assert all(row in err for row in paper.ROWS)
   assert not (tmp_path / "run").exists()
@@ -423,6 +425,60 @@ def test_workdir_whose_checkpoints_hold_another_model_is_refused_and_left_untouc
     capsys, rc, ["checkpoint of step 8 holds a different model", "'blocks/0/mlp_in/kernel'"]
   )
   assert file_hashes(workdir) == before
+
+
+def test_a_shorter_run_than_the_checkpoints_is_refused_and_left_untouched(run_a, tmp_path, capsys):
+  """Resuming an 8-step workdir with num_steps=4 would report step 8's state as a 4-step run."""
+  workdir = tmp_path / "a_copy"
+  shutil.copytree(run_a, workdir)
+  before = file_hashes(workdir)
+  rc = run_main(
+    f"--config={PAPER_FILE}:no_clipping", *tiny_flags(num_steps=4), f"--workdir={workdir}"
+  )
+  _assert_refused(capsys, rc, ["checkpointed at step 8", "'num_steps' = 4", "num_steps >= 8"])
+  assert file_hashes(workdir) == before
+
+
+@pytest.mark.parametrize(
+  ("spec", "name", "workdir"),
+  [
+    ([], "default", "runs/default"),
+    (["--config", "big_vision"], "big_vision", "runs/big_vision"),
+    (["--config=paper:no_clipping"], "no_clipping", "runs/paper-no_clipping"),
+    (["--config", "configs/t5_finetune.py"], "t5_finetune", "runs/t5_finetune"),  # no such file
+    (["--config", "adamw", "--workdir", "elsewhere"], "adamw", "elsewhere"),
+  ],
+)
+def test_packaged_configs_by_name_from_any_directory(spec, name, workdir, tmp_path, monkeypatch):
+  """Outside the checkout, as from a wheel: the packaged configs by name, each in its own
+  runs/<name> unless --workdir says otherwise."""
+  monkeypatch.chdir(tmp_path)
+  started = []
+  monkeypatch.setattr(train, "train_and_evaluate", lambda *args: started.append(args))
+  assert run_main(*spec, "--config.num_steps=7") == 0
+  ((config, got_workdir, _),) = started
+  assert got_workdir == workdir and config.num_steps == 7
+  expected = {
+    "default": default.get_config(),
+    "big_vision": big_vision.get_config(),
+    "no_clipping": paper.get_config("no_clipping"),
+    "t5_finetune": t5_finetune.get_config(),
+    "adamw": adamw.get_config(),
+  }[name]
+  expected.num_steps = 7
+  assert config.to_dict() == expected.to_dict()
+
+
+def test_an_unknown_config_name_lists_the_packaged_ones(tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  rc = run_main("--config", "big_visio")
+  err = _assert_refused(capsys, rc, ["'big_visio'", "no such file, nor a packaged config"])
+  for name in ("adamw", "big_vision", "default", "t5_finetune", "paper:<row>", "no_clipping"):
+    assert name in err
+  assert list(tmp_path.iterdir()) == []
+  assert main.main([PROG, "--help"]) == 0
+  out = capsys.readouterr().out
+  assert "Packaged configs: adamw, big_vision, default, t5_finetune, paper:<row>" in out
 
 
 def test_bad_flag_in_a_real_process_exits_2_on_stderr(tmp_path):
@@ -567,8 +623,6 @@ def test_set_config_value_sets_none_on_a_typed_field():
 
 
 def test_every_shipped_config_resolves_and_builds_its_optimizer():
-  from adafactor_jax.training.configs import big_vision, t5_finetune
-
   configs = {
     "default": default.get_config(),
     "adamw": adamw.get_config(),
