@@ -2,7 +2,7 @@
 
 Usage::
 
-  adafactor-compare [--suite default|paper] [--workdir runs/compare] [--num_steps N]
+  adafactor-compare [--suite default|paper] [--workdir runs/compare] [--num_steps N] [--noprogress]
   python -m adafactor_jax.training.compare ...      # the same
 
 Suites:
@@ -18,13 +18,13 @@ unfinished runs and reuses finished ones. The results go to
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 from typing import Any
 
+from absl import flags
 from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
 
 from adafactor_jax.training import input_pipeline, train
@@ -139,27 +139,42 @@ def chart(results: list[dict[str, Any]], path: str, title: str) -> None:
   fig.savefig(path, dpi=100)
 
 
+PROG = "adafactor-compare"
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="adafactor-compare", description=__doc__.split("\n")[0])
-  parser.add_argument("--suite", default="default", choices=("default", "paper"))
-  parser.add_argument("--workdir", default="runs/compare")
-  parser.add_argument("--num_steps", type=int, default=None, help="override every run's steps")
-  parser.add_argument("--no-progress", dest="progress", action="store_false")
-  args = parser.parse_args(argv)
-  if args.num_steps is not None and args.num_steps <= 0:
-    parser.error(f"--num_steps must be > 0, got {args.num_steps}.")
+  """``adafactor-compare``: its flags in adafactor-train's style (absl: --noprogress)."""
+  argv = list(sys.argv if argv is None else argv)
+  flag_values = flags.FlagValues()
+  flags.DEFINE_enum(
+    "suite", "default", ["default", "paper"], "Which comparison to run.", flag_values=flag_values
+  )
+  flags.DEFINE_string(
+    "workdir", "runs/compare", "Each run goes to <workdir>/<suite>/<run>.", flag_values=flag_values
+  )
+  flags.DEFINE_integer(
+    "num_steps", None, "Override every run's steps.", lower_bound=1, flag_values=flag_values
+  )
+  flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=flag_values)
+  if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv[1:]):
+    print(f"{__doc__}\nFlags:\n{flag_values.get_help()}")
+    return 0
   try:
-    results = run_suite(args.suite, args.workdir, args.num_steps, args.progress)
-  except (ConfigError, input_pipeline.CorpusError) as e:
-    print(f"adafactor-compare: error: {e}", file=sys.stderr)
+    rest = flag_values(argv)
+    if len(rest) > 1:
+      raise flags.Error(f"unexpected argument {rest[1]!r}.")
+    suite, workdir = flag_values.suite, flag_values.workdir
+    results = run_suite(suite, workdir, flag_values.num_steps, flag_values.progress)
+  except (flags.Error, ConfigError, input_pipeline.CorpusError) as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
-  base = os.path.join(args.workdir, args.suite)
+  base = os.path.join(workdir, suite)
   with open(base + ".json", "w") as f:
     json.dump(results, f, indent=2)
   text = table(results)
   with open(base + ".md", "w") as f:
     f.write(text + "\n")
-  chart(results, base + ".png", f"suite {args.suite!r}: {results[0]['steps']} steps")
+  chart(results, base + ".png", f"suite {suite!r}: {results[0]['steps']} steps")
   print("\n" + text)
   print(f"\nwrote {base}.json, {base}.md and {base}.png")
   return 0
