@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -533,7 +534,13 @@ def train_and_evaluate(
     )
   began = time.perf_counter()
   bar = tqdm(
-    total=config.num_steps, initial=start, disable=not show, unit="step", dynamic_ncols=True
+    total=config.num_steps,
+    initial=start,
+    disable=not show,
+    unit="step",
+    dynamic_ncols=True,
+    # Not a terminal (a notebook, a log file): a line every 10 s, not every redraw.
+    mininterval=0.1 if sys.stderr.isatty() else 10.0,
   )
   log = bar.write if show else lambda _: None
   window_start = time.perf_counter()
