@@ -2,7 +2,8 @@
 
 Usage::
 
-  adafactor-compare [--suite default|paper] [--workdir runs/compare] [--num_steps N] [--noprogress]
+  adafactor-compare [--suite default|paper] [--workdir runs/compare] [--num_steps N]
+                    [--noprogress] [--config.<key>=<value> ...]
   python -m adafactor_jax.training.compare ...      # the same
 
 Suites:
@@ -11,8 +12,9 @@ Suites:
   (the best is "tuned AdamW"), and the Big Vision variant, on the default job.
 * ``paper``: the ablation rows of ``configs/paper.py`` (shorter runs).
 
-Each run has its own workdir under ``--workdir``; rerunning the command resumes
-unfinished runs and reuses finished ones. The results go to
+``--config.<key>=<value>`` sets a key of every run's config, as for
+``adafactor-train``. Each run has its own workdir under ``--workdir``;
+rerunning the command resumes unfinished runs and reuses finished ones. The results go to
 ``<workdir>/<suite>.json``, ``<suite>.md`` and ``<suite>.png``.
 """
 
@@ -28,6 +30,7 @@ from absl import flags
 from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
 
 from adafactor_jax.training import input_pipeline, train
+from adafactor_jax.training import main as main_lib
 from adafactor_jax.training.config import ConfigError, set_config_value
 from adafactor_jax.training.configs import adamw, big_vision, default, paper
 
@@ -163,11 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{__doc__}\nFlags:\n{flag_values.get_help()}")
     return 0
   try:
+    argv, overrides = main_lib.override_values(argv, PROG)
     rest = flag_values(argv)
     if len(rest) > 1:
       raise flags.Error(f"unexpected argument {rest[1]!r}.")
     suite, workdir = flag_values.suite, flag_values.workdir
-    results = run_suite(suite, workdir, flag_values.num_steps, flag_values.progress)
+    results = run_suite(suite, workdir, flag_values.num_steps, flag_values.progress, overrides)
   except (flags.Error, ConfigError, input_pipeline.CorpusError) as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2

@@ -25,10 +25,12 @@ with the same flags but its own ``--process_id``::
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
 import traceback
+from typing import Any
 
 import jax
 import ml_collections
@@ -256,6 +258,31 @@ def _config_overrides(argv: list[str]) -> tuple[list[str], list[str], str]:
     else:
       kept.append(arg)
   return kept, unset, spec
+
+
+def override_values(argv: list[str], prog: str) -> tuple[list[str], dict[str, Any]]:
+  """Takes the ``--config.<key>=<value>`` flags out of ``argv``, as {key: typed value}.
+
+  For commands that run configs of their own (``adafactor-compare``): a value is
+  parsed as ``adafactor-train`` parses it, by the default config's type.
+  Returns the other arguments and the overrides.
+  """
+  kept, unset, spec = _config_overrides(argv)
+  if spec != "default":
+    raise ConfigError(f"{prog} takes no --config: override keys with --config.<key>=<value>.")
+  flags_given = [arg for arg in kept[1:] if arg.startswith("--config.")]
+  rest = [arg for arg in kept if not arg.startswith("--config.")]
+  flag_values = flags.FlagValues()
+  parse = [argv[0], *flags_given]
+  config_flags.DEFINE_config_dict(
+    "config", default_config.get_config(), flag_values=flag_values, sys_argv=parse
+  )
+  flag_values(parse)
+  values: dict[str, Any] = {key: None for key in unset}
+  for arg in flags_given:
+    key = arg[len("--config.") :].partition("=")[0]
+    values[key] = functools.reduce(getattr, key.split("."), flag_values.config)
+  return rest, values
 
 
 def cli() -> None:

@@ -844,9 +844,15 @@ def test_run_suite_shrinks_every_run_and_compare_cli_writes_results(tmp_path, mo
 
   trained.clear()
   cli = ["adafactor-compare", "--workdir", str(tmp_path / "cli"), "--num_steps", "2"]
-  rc = compare.main([*cli, "--noprogress"])  # adafactor-train's style of boolean flag
+  overrides = ["--config.model.d_model=48", "--config.optimizer.beta2_cap=None"]
+  rc = compare.main([*cli, "--noprogress", *overrides])  # adafactor-train's style of flags
   out = capsys.readouterr().out
   assert rc == 0
+  configs = list(trained.values())
+  # Every run, big_vision's beta2_cap of 0.999 included.
+  assert all(c.model.d_model == 48 and c.optimizer.beta2_cap is None for c in configs)
+  assert compare.main([*cli, "--config.optimizer.nme=x"]) == 2
+  assert "Did you mean --config.optimizer.name?" in capsys.readouterr().err
   base = tmp_path / "cli" / "default"
   saved = json.loads(base.with_suffix(".json").read_text())
   assert [r["name"] for r in saved] == names
