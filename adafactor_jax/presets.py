@@ -93,6 +93,7 @@ def big_vision(
   momentum_dtype: Any = jnp.bfloat16,
   beta2_cap: float = 0.999,
   min_dim_size_to_factor: int = 32,
+  factor_dims: Any = None,
 ) -> optax.GradientTransformation:
   """Big Vision's ``scale_by_adafactor`` (Zhai et al. 2021, ViT-G) plus its lr.
 
@@ -104,6 +105,10 @@ def big_vision(
   learning rate, so that it is scaled by it: :math:`X \\leftarrow X -
   \\eta_t(M + \\lambda X)`.
 
+  ``factor_dims`` overrides the choice of factored axes, as in
+  :func:`adafactor_jax.scale_by_factored_rms` (e.g.
+  ``logical_factor_dims(param_axes, min_dim_size_to_factor=32)``).
+
   Difference from Big Vision: Big Vision keeps statistics in the parameter
   dtype; here they are float32.
 
@@ -111,7 +116,9 @@ def big_vision(
     Zhai et al., `Scaling Vision Transformers <https://arxiv.org/abs/2106.04560>`_, 2021.
   """
   chain = [
-    scale_by_factored_rms(beta2_cap=beta2_cap, min_dim_size_to_factor=min_dim_size_to_factor),
+    scale_by_factored_rms(
+      beta2_cap=beta2_cap, min_dim_size_to_factor=min_dim_size_to_factor, factor_dims=factor_dims
+    ),
     ema_momentum(momentum, momentum_dtype),
   ]
   if weight_decay is not None:

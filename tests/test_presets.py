@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import adafactor_jax
 from adafactor_jax import presets, schedules
 from tests.conftest import (
   make_grads,
@@ -69,6 +70,10 @@ def test_big_vision_matches_the_optax_chain_it_describes():
   state = presets.big_vision(1e-3).init({"w": jnp.zeros((64, 40))})
   assert state[1].momentum["w"].dtype == jnp.bfloat16
   assert state[0].v["w"] is None and state[0].v_row["w"].shape == (64, 1)
+  # factor_dims chooses the axes, as for scale_by_factored_rms: here by logical names.
+  names = adafactor_jax.logical_factor_dims({"w": ("mlp", "embed")}, min_dim_size_to_factor=32)
+  state = presets.big_vision(1e-3, factor_dims=names).init({"w": jnp.zeros((64, 40))})
+  assert state[0].v_row["w"].shape == (1, 40) and state[0].v_col["w"].shape == (64, 1)
 
 
 def test_hf_transformers_defaults_and_absolute_lr():

@@ -202,6 +202,7 @@ def _create_optimizer(
       momentum_dtype=dtype("optimizer.momentum_dtype", opt.momentum_dtype),
       beta2_cap=opt.beta2_cap,
       min_dim_size_to_factor=opt.min_dim_size_to_factor,
+      factor_dims=factor_dims,
     )
   if opt.name == "t5x":
     return adafactor_jax.presets.t5x(
