@@ -355,6 +355,77 @@ def sweep_table(sweep: list[dict[str, Any]], slopes: dict[str, float]) -> str:
   return "\n".join(lines)
 
 
+LABELS = {
+  "adafactor_jax": "**adafactor_jax**",
+  "adafactor_jax_bf16_momentum": "adafactor_jax, bf16 momentum",
+  "optax_adafactor": "optax.adafactor",
+  "optax_adamw": "optax.adamw",
+  "sgd": "SGD",
+  TORCH: "torch.optim.Adafactor",
+}
+"""How the README's table names each optimizer."""
+
+TREE_LABELS = {
+  "t5_small": "T5-small",
+  "gpt2_124m": "GPT-2",
+  "vit_b16": "ViT-B/16",
+  "stacked": "GPT-2, layers stacked",
+}
+
+
+def readme_table(results: dict[str, Any]) -> str:
+  """The README's table: where and when, then a row per tree and optimizer, then the sweep."""
+  env = results["environment"]
+  versions = ", ".join(
+    f"{name} {env[name]}" for name in ("jax", "optax", "torch") if env.get(name) is not None
+  )
+  lines = [
+    f"Measured {env['date'].replace('T', ' ')[:16]} UTC on {env['cpu']} "
+    f"({env['cpu_count']} cores, {env['platform']}), {versions}, "
+    f"`--rounds {results['settings']['rounds']}`:",
+    "",
+    "| tree (params) | optimizer | step ms | × SGD | × AdamW | × optax.adafactor "
+    "| XLA temporaries | optimizer state |",
+    "|---|---|--:|--:|--:|--:|--:|--:|",
+  ]
+  for tree, result in results["trees"].items():
+    first = f"{TREE_LABELS.get(tree, tree)} ({result['params'] / 1e6:.1f}M)"
+    for opt, f in result["optimizers"].items():
+      temp = _bytes(f["temp_bytes"])
+      if f["temp_pct_of_params"] is not None and f["temp_bytes"]:
+        temp += f" ({f['temp_pct_of_params']:.2f}%)"
+      bold = "**" if opt == "adafactor_jax" else ""
+      cells = [
+        first,
+        LABELS.get(opt, opt),
+        f"{bold}{_fmt(f['median_ms'], '.1f')}{bold}",
+        *(_fmt(f[col], ".2f") for col in RATIOS),
+        temp,
+        _bytes(f["state_bytes"]),
+      ]
+      lines.append("| " + " | ".join(cells) + " |")
+      first = ""
+  sweep = results.get("sweep") or []
+  if sweep:
+    ranges = []
+    for name in SWEEP_OPTIMIZERS:
+      per = [
+        e["optimizers"][name]["ms_per_mparam"]
+        for e in sweep
+        if name in e["optimizers"] and e["params"] >= 10e6
+      ]
+      if per:
+        ranges.append(f"{LABELS.get(name, name).strip('*')} {min(per):.2f}–{max(per):.2f}")
+    slopes = ", ".join(f"{n} {v:.2f}" for n, v in results.get("scaling_slopes", {}).items())
+    lines += [
+      "",
+      f"Scaling sweep ({sweep[0]['params'] / 1e6:.0f}M to {sweep[-1]['params'] / 1e6:.0f}M "
+      f"parameters), ms per million parameters above 10M: {'; '.join(ranges)}. Log-log slope "
+      f"of time against size above 10M (1 is linear): {slopes}.",
+    ]
+  return "\n".join(lines)
+
+
 def environment() -> dict[str, Any]:
   """Where and when the figures were taken."""
   cpu = platform.processor() or None

@@ -1,10 +1,11 @@
-"""The README's quick start trains, as written."""
+"""The README's quick start trains as written, and its result tables are the result files'."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks import readme
 from tests.readme import code_blocks
 
 
@@ -23,3 +24,12 @@ def test_the_quick_start_trains_as_written():
     losses.append(float(loss))
   assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
   assert jnp.all(jnp.isfinite(params["w"]))
+
+
+def test_the_readmes_result_tables_are_those_of_the_committed_result_files():
+  """`python -m benchmarks.readme` writes them; a hand edit or a rerun not written back fails."""
+  text = readme.README.read_text()
+  sources = [m["source"] for m in readme.REGION.finditer(text)]
+  assert "benchmarks/results/results.json" in sources
+  _, stale = readme.regenerate(text)
+  assert stale == [], f"run python -m benchmarks.readme: {stale}"
