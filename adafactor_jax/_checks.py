@@ -18,7 +18,7 @@ def concrete_value(value: Any) -> Any:
     return None
 
 
-def _interval(low, high, low_open, high_open) -> str:
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
   left = "(" if low_open or low is None else "["
   right = ")" if high_open or high is None else "]"
   low_text = "-inf" if low is None else f"{low:g}"
@@ -105,11 +105,11 @@ def check_tree_matches(
     if extra:
       parts.append(f"{what} for unknown parameter(s) {', '.join(map(repr, extra))}")
     raise ValueError(f"The {what} tree does not match the parameters: {'; '.join(parts)}.")
-  if jax.tree.structure(updates) != jax.tree.structure(reference):
+  structure: Any = jax.tree.structure(updates)  # Any: jaxlib has no type stub for PyTreeDef
+  if structure != jax.tree.structure(reference):
     raise ValueError(
       f"The {what} tree has the parameters' paths but not their structure "
-      f"(container types differ): {jax.tree.structure(updates)} vs "
-      f"{jax.tree.structure(reference)}."
+      f"(container types differ): {structure} vs {jax.tree.structure(reference)}."
     )
   for path, leaf in update_paths.items() if shapes else ():
     expected = tuple(np.shape(reference_paths[path]))
@@ -120,7 +120,9 @@ def check_tree_matches(
       )
 
 
-def zeros_like_param(param: Any, dtype: Any = jnp.float32, reduced_axes: tuple[int, ...] = ()):
+def zeros_like_param(
+  param: Any, dtype: Any = jnp.float32, reduced_axes: tuple[int, ...] = ()
+) -> jax.Array:
   """Zeros of the parameter's shape, size 1 on ``reduced_axes``, sharded like it.
 
   Computed from the parameter, not made by ``jnp.zeros``, so that state

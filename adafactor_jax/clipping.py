@@ -9,7 +9,14 @@ import jax.numpy as jnp
 import optax
 
 from adafactor_jax import _checks
-from adafactor_jax.factored import FactorDimsFn, FactorRules, _rules_fn, _slice_axes, saturate
+from adafactor_jax.factored import (
+  FactorDimsFn,
+  FactorRules,
+  _rules_fn,
+  _slice_axes,
+  _UserChoice,
+  saturate,
+)
 
 
 def rms(x: jax.Array, axes: Sequence[int] | None = None) -> jax.Array:
@@ -18,10 +25,10 @@ def rms(x: jax.Array, axes: Sequence[int] | None = None) -> jax.Array:
   return jnp.sqrt(saturate(mean_square))
 
 
-def per_slice_rms(factor_dims: FactorDimsFn | None, updates: optax.Updates) -> optax.Updates:
+def per_slice_rms(factor_dims: _UserChoice | None, updates: optax.Updates) -> optax.Updates:
   """The RMS of each leaf of ``updates``, per slice along its batch axes."""
 
-  def one(path, x):
+  def one(path: jax.tree_util.KeyPath, x: jax.Array) -> jax.Array:
     name = _checks.path_name(path)
     return rms(x, _slice_axes(factor_dims, name, jnp.shape(x)))
 
@@ -60,10 +67,12 @@ def clip_by_update_rms(
   _checks.check_scalar("clipping_threshold", clipping_threshold, low=0.0, low_open=True)
   user_choice = _rules_fn(factor_dims)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, optax.EmptyState]:
     del params
 
-    def clip(update, update_rms):
+    def clip(update: jax.Array, update_rms: jax.Array) -> jax.Array:
       denominator = jnp.maximum(1.0, update_rms / clipping_threshold)
       return (update.astype(jnp.float32) / denominator).astype(update.dtype)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -92,13 +92,17 @@ class ScaleByFactoredRmsState(NamedTuple):
   update never needs the hyperparameters that chose them.
   """
 
-  count: jax.Array  # int32, the number of updates so far.
+  # int32, the number of updates so far. (The name shadows tuple.count, as in
+  # optax's states.)
+  count: jax.Array  # type: ignore[assignment]
   v_row: optax.Updates
   v_col: optax.Updates
   v: optax.Updates
 
 
-def default_factor_dims(shape: Sequence[int], min_dim_size_to_factor: int = 128) -> FactorDims:
+def default_factor_dims(
+  shape: Sequence[int], min_dim_size_to_factor: int = 128
+) -> tuple[int, int] | None:
   """The default choice of factored axes: the two largest dimensions.
 
   Ties go to the later axis (as optax). Returns (row_axis, col_axis) in
@@ -115,17 +119,20 @@ def default_factor_dims(shape: Sequence[int], min_dim_size_to_factor: int = 128)
   return min(first, second), max(first, second)
 
 
-def _normalize_dims(dims, path: str, shape: tuple[int, ...]) -> FactorAxes | None:
-  """`dims` as a FactorAxes of non-negative, sorted axes; None for no choice."""
+def _normalize_dims(dims: Any, path: str, shape: tuple[int, ...]) -> FactorAxes | None:
+  """`dims` (what a user's choice returned) as a FactorAxes of non-negative,
+  sorted axes; None for no choice."""
   if dims is None:
     return None
   rank = len(shape)
+  row: tuple[int, ...]
+  col: tuple[int, ...]
+  batch: tuple[int, ...] = ()
   try:
     if isinstance(dims, FactorAxes):
       row, col, batch = (tuple(map(operator.index, axes)) for axes in dims)
     else:
       row, col = ((operator.index(axis),) for axis in dims)
-      batch = ()
   except (TypeError, ValueError):
     raise ValueError(
       f"The factored axes for parameter '{path}' must be a pair of ints "
@@ -145,7 +152,11 @@ def _normalize_dims(dims, path: str, shape: tuple[int, ...]) -> FactorAxes | Non
   return FactorAxes(*(tuple(sorted(a % rank for a in part)) for part in (row, col, batch)))
 
 
-def _rules_fn(factor_dims: FactorDimsFn | FactorRules | None) -> FactorDimsFn | None:
+_UserChoice = Callable[[str, tuple[int, ...]], Any]
+"""A FactorDimsFn, or rules as one function that answers _DEFAULT where none matches."""
+
+
+def _rules_fn(factor_dims: FactorDimsFn | FactorRules | None) -> _UserChoice | None:
   """The user's choice as one function (path, shape) -> dims or _DEFAULT."""
   if factor_dims is None or callable(factor_dims):
     return factor_dims
@@ -165,7 +176,7 @@ def _rules_fn(factor_dims: FactorDimsFn | FactorRules | None) -> FactorDimsFn | 
         f"pairs; {rule!r} is not: {error}"
       ) from None
 
-  def by_rules(path: str, shape: tuple[int, ...]):
+  def by_rules(path: str, shape: tuple[int, ...]) -> Any:
     for pattern, dims in rules:
       if pattern.search(path):
         return dims
@@ -177,15 +188,17 @@ def _rules_fn(factor_dims: FactorDimsFn | FactorRules | None) -> FactorDimsFn | 
 _DEFAULT = object()  # A rule's answer for "no rule matched: use the default".
 
 
-def _slice_axes(user_choice: FactorDimsFn | None, name: str, shape) -> tuple[int, ...]:
+def _slice_axes(
+  user_choice: _UserChoice | None, name: str, shape: Sequence[int]
+) -> tuple[int, ...]:
   """The axes that clipping and the parameter scale average over, for a param.
 
   All axes but the batch axes that the user's choice declares (see
   :class:`FactorAxes`): each slice along those is its own parameter.
   """
   shape = tuple(shape)
-  dims = None if user_choice is None else user_choice(name, shape)
-  dims = None if dims is _DEFAULT else _normalize_dims(dims, name, shape)
+  choice = None if user_choice is None else user_choice(name, shape)
+  dims = None if choice is _DEFAULT else _normalize_dims(choice, name, shape)
   batch = () if dims is None else dims.batch
   return tuple(axis for axis in range(len(shape)) if axis not in batch)
 
@@ -195,14 +208,14 @@ class _Statistics:
 
   __slots__ = ("arrays",)
 
-  def __init__(self, *arrays):
+  def __init__(self, *arrays: jax.Array | None) -> None:
     self.arrays = arrays
 
-  def __getitem__(self, i):
+  def __getitem__(self, i: int) -> jax.Array | None:
     return self.arrays[i]
 
 
-def _factored_axes(v_row: jax.Array, v_col: jax.Array):
+def _factored_axes(v_row: jax.Array, v_col: jax.Array) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """(row axes, column axes) read from the statistics' shapes.
 
   A factored axis of size 1 reads as neither; that is harmless, since
@@ -214,7 +227,7 @@ def _factored_axes(v_row: jax.Array, v_col: jax.Array):
   return rows, cols
 
 
-def _saturating_cast(x: jax.Array, dtype) -> jax.Array:
+def _saturating_cast(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
   """x in dtype, saturating at its largest finite value rather than overflowing.
 
   G/sqrt(V̂) can exceed float16's range before clipping brings it back; as inf it
@@ -241,7 +254,14 @@ class _Preconditioned(NamedTuple):
 
 
 def _precondition(
-  grad, v_row, v_col, v, beta2, epsilon1, *, mean_square_axes: tuple[int, ...] | None
+  grad: jax.Array,
+  v_row: jax.Array | None,
+  v_col: jax.Array | None,
+  v: jax.Array | None,
+  beta2: jax.Array,
+  epsilon1: float,
+  *,
+  mean_square_axes: tuple[int, ...] | None,
 ) -> _Preconditioned:
   """One parameter's new statistics and the factors of G / sqrt(V̂).
 
@@ -268,6 +288,7 @@ def _precondition(
       msq = saturate(jnp.mean(jnp.square(u_msq), mean_square_axes, keepdims=True))
     return _Preconditioned(None, None, v, (factor, jnp.ones([], jnp.float32)), msq)
 
+  assert v_row is not None and v_col is not None  # factored: both, by construction
   rows, cols = _factored_axes(v_row, v_col)
   g_rows, g_cols = jax.lax.optimization_barrier((grad, grad))
   col_mean = jnp.mean(jnp.square(g_cols.astype(jnp.float32)), rows, keepdims=True)
@@ -370,7 +391,6 @@ def scale_by_factored_rms(
     allow_none=True,
     hint="Pass None to turn clipping off.",
   )
-  clip = clipping_threshold is not None
   user_choice = _rules_fn(factor_dims)
   beta2_schedule = schedules.decay_rate_pow(decay_rate, decay_offset, beta2_cap)
 
@@ -383,7 +403,7 @@ def scale_by_factored_rms(
       return dims._replace(row=(), col=())
     return dims
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> ScaleByFactoredRmsState:
     min_dim = _checks.concrete_value(min_dim_size_to_factor)
     if min_dim is None:
       raise ValueError(
@@ -392,7 +412,7 @@ def scale_by_factored_rms(
         "pass static_args=('min_dim_size_to_factor',)."
       )
 
-    def statistics(path, param):
+    def statistics(path: jax.tree_util.KeyPath, param: Any) -> _Statistics:
       dims = choose(_checks.path_name(path), tuple(np.shape(param)), int(min_dim))
       if dims is None or not dims.row:
         return _Statistics(None, None, _checks.zeros_like_param(param))
@@ -411,13 +431,17 @@ def scale_by_factored_rms(
       *(jax.tree.map(lambda s, i=i: s[i], per_param) for i in range(3)),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates, state: ScaleByFactoredRmsState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, ScaleByFactoredRmsState]:
     del params
 
-    def parameter_shape(v_row, v_col, v):
+    def parameter_shape(
+      v_row: jax.Array | None, v_col: jax.Array | None, v: jax.Array | None
+    ) -> jax.ShapeDtypeStruct | None:
       if v is not None:
         return jax.ShapeDtypeStruct(v.shape, v.dtype)
-      if v_row is not None:
+      if v_row is not None and v_col is not None:
         return jax.ShapeDtypeStruct(np.broadcast_shapes(v_row.shape, v_col.shape), v_row.dtype)
       return None  # A None parameter.
 
@@ -425,27 +449,26 @@ def scale_by_factored_rms(
       parameter_shape, state.v_row, state.v_col, state.v, is_leaf=lambda x: x is None
     )
     _checks.check_tree_matches(updates, parameter_shapes)
-    treedef = jax.tree.structure(updates)
+    treedef: Any = jax.tree.structure(updates)  # jaxlib has no type stub for PyTreeDef
     grads = treedef.flatten_up_to(updates)
     v_rows, v_cols, vs = (
       treedef.flatten_up_to(tree) for tree in (state.v_row, state.v_col, state.v)
     )
     beta2 = beta2_schedule(state.count)
-    if clip:
+    msq_axes: list[tuple[int, ...] | None] = [None] * len(grads)
+    if clipping_threshold is not None:
       msq_axes = [
         _slice_axes(user_choice, _checks.path_name(path), jnp.shape(g))
         for path, g in jax.tree_util.tree_leaves_with_path(updates)
       ]
-    else:
-      msq_axes = [None] * len(grads)
     outputs = [
       _precondition(g, r, c, v, beta2, epsilon1, mean_square_axes=axes)
       for g, r, c, v, axes in zip(grads, v_rows, v_cols, vs, msq_axes, strict=True)
     ]
 
-    def scaled(grad, out: _Preconditioned):
+    def scaled(grad: jax.Array, out: _Preconditioned) -> jax.Array:
       row_factor, col_factor = out.factors
-      if clip:
+      if clipping_threshold is not None and out.mean_square is not None:
         # Folded into a small factor: no extra multiply per element.
         col_factor = col_factor / jnp.maximum(1.0, jnp.sqrt(out.mean_square) / clipping_threshold)
       return _saturating_cast(grad.astype(jnp.float32) * row_factor * col_factor, grad.dtype)

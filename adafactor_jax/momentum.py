@@ -63,12 +63,14 @@ def ema_momentum(
   _checks.check_scalar("momentum", momentum, low=0.0, high=1.0, high_open=True)
   momentum_dtype = momentum_dtype_or_error(momentum_dtype)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> EmaMomentumState:
     return EmaMomentumState(
       jax.tree.map(lambda p: _checks.zeros_like_param(p, momentum_dtype), params)
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates, state: EmaMomentumState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, EmaMomentumState]:
     del params
     new = jax.tree.map(
       lambda u, m: momentum * m.astype(jnp.float32) + (1.0 - momentum) * u.astype(jnp.float32),

@@ -19,13 +19,13 @@ from adafactor_jax.factored import scale_by_factored_rms
 from adafactor_jax.momentum import ema_momentum
 
 
-def _last_two_axes(path: str, shape: tuple[int, ...]):
+def _last_two_axes(path: str, shape: tuple[int, ...]) -> tuple[int, int] | None:
   """Factor the last two axes of every parameter of rank >= 2 (torch, HF)."""
   del path
   return (len(shape) - 2, len(shape) - 1) if len(shape) >= 2 else None
 
 
-def _check_eps(eps, allow_none_first: bool) -> None:
+def _check_eps(eps: Any, allow_none_first: bool) -> None:
   if not isinstance(eps, (tuple, list)) or len(eps) != 2:
     raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}.")
   _checks.check_scalar("eps[0]", eps[0], low=0.0, low_open=True, allow_none=allow_none_first)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ class StochasticRoundingState(NamedTuple):
   key: jax.Array
 
 
-def stochastic_round(x: jax.Array, dtype, key: jax.Array) -> jax.Array:
+def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
   r"""Rounds ``x`` to ``dtype``, up or down at random, unbiased.
 
   With :math:`a \le x \le b` the two neighbours of :math:`x` in ``dtype``, the
@@ -49,7 +49,7 @@ def stochastic_round(x: jax.Array, dtype, key: jax.Array) -> jax.Array:
   return jnp.where(draw < probability, other, nearest)
 
 
-def _rounds_stochastically(dtype) -> bool:
+def _rounds_stochastically(dtype: Any) -> bool:
   dtype = np.dtype(dtype)
   return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4
 
@@ -97,21 +97,24 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
   _checks.check_scalar("seed", seed, integer=True)
   seed = int(seed)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> StochasticRoundingState:
     del params
     return StochasticRoundingState(jax.random.PRNGKey(seed))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates, state: StochasticRoundingState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, StochasticRoundingState]:
     if params is None:
       raise ValueError(
         "stochastic_rounding needs the parameters: call update(updates, state, params)."
       )
     _checks.check_tree_matches(updates, params)
     next_key, step_key = jax.random.split(state.key)
+    treedef: Any  # jaxlib has no type stub for PyTreeDef
     leaves, treedef = jax.tree.flatten(updates)
     leaf_keys = jax.random.split(step_key, len(leaves))
 
-    def rounded(update, param, key):
+    def rounded(update: jax.Array, param: jax.Array, key: jax.Array) -> jax.Array:
       if not _rounds_stochastically(param.dtype):
         return update
       wide = param.astype(jnp.float32)

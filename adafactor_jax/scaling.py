@@ -41,14 +41,16 @@ def scale_by_parameter_scale(
   _checks.check_scalar("epsilon2", epsilon2, low=0.0)
   user_choice = _rules_fn(factor_dims)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, optax.EmptyState]:
     if params is None:
       raise ValueError(
         "scale_by_parameter_scale needs the parameters: call update(updates, state, params)."
       )
     _checks.check_tree_matches(updates, params)
 
-    def scale(update, param_rms):
+    def scale(update: jax.Array, param_rms: jax.Array) -> jax.Array:
       factor = jnp.maximum(epsilon2, param_rms)
       return (update.astype(jnp.float32) * factor).astype(update.dtype)
 

@@ -90,7 +90,8 @@ def decay_rate_pow(
   return schedule
 
 
-def check_decay_args(decay_rate, decay_offset, beta2_cap) -> None:
+def check_decay_args(decay_rate: float, decay_offset: int, beta2_cap: float | None) -> None:
+  """Raises ValueError naming the first of the decay's arguments out of range."""
   _checks.check_scalar(
     "decay_rate",
     decay_rate,

@@ -53,8 +53,9 @@ def test_standard_rules_choose_axes(names, shape, expected):
 
 def test_params_without_names_take_the_default_choice_whatever_the_rank():
   choose = logical_factor_dims({"conv": None, "stacked": None})
-  assert choose("conv", (3, 3, 128, 160)) == (2, 3)  # T5X raises here (#243)
-  assert choose("stacked", (4, 256, 384)) == (1, 2)
+  assert choose("conv", (3, 3, 128, 160)) == FactorAxes((2,), (3,))  # T5X raises here (#243)
+  assert choose("stacked", (4, 256, 384)) == FactorAxes((1,), (2,))
+  assert choose("conv", (3, 3, 16, 16)) == FactorAxes()  # too small: a full second moment
 
 
 def test_user_rules_extend_and_override_the_standard_table():
