@@ -121,7 +121,7 @@ def check_tree_matches(
 
 
 def zeros_like_param(
-  param: Any, dtype: Any = jnp.float32, reduced_axes: tuple[int, ...] = ()
+  param: Any, dtype: Any = jnp.float32, *, reduced_axes: tuple[int, ...] = ()
 ) -> jax.Array:
   """Zeros of the parameter's shape, size 1 on ``reduced_axes``, sharded like it.
 

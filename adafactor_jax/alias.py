@@ -97,12 +97,12 @@ def adafactor_chain(
   if weight_decay_step is not None and weight_decay_scaled_by_step:
     chain.append(weight_decay_step)
   if learning_rate is None:
-    learning_rate = relative_step_size(warmup_init, relative_max_step_size)
+    learning_rate = relative_step_size(warmup_init, max_step_size=relative_max_step_size)
   chain.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
   if multiply_by_parameter_scale:
-    chain.append(scale_by_parameter_scale(epsilon2, factor_dims))
+    chain.append(scale_by_parameter_scale(epsilon2, factor_dims=factor_dims))
   if momentum is not None:
-    chain.append(ema_momentum(momentum, momentum_dtype))
+    chain.append(ema_momentum(momentum, momentum_dtype=momentum_dtype))
   if weight_decay_step is not None and not weight_decay_scaled_by_step:
     chain.append(weight_decay_step)
   chain.append(optax.scale(-1.0))
@@ -114,6 +114,7 @@ def adafactor_chain(
 
 def adafactor(
   learning_rate: optax.ScalarOrSchedule | None = None,
+  *,
   decay_rate: float = 0.8,
   decay_offset: int = 0,
   beta2_cap: float | None = None,

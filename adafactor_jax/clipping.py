@@ -19,24 +19,25 @@ from adafactor_jax.factored import (
 )
 
 
-def rms(x: jax.Array, axes: Sequence[int] | None = None) -> jax.Array:
+def rms(x: jax.Array, *, axes: Sequence[int] | None = None) -> jax.Array:
   """sqrt(mean(x²)) in float32 over ``axes`` (all), kept as size-1 axes; finite for finite x."""
   mean_square = jnp.mean(jnp.square(x.astype(jnp.float32)), axes, keepdims=axes is not None)
   return jnp.sqrt(saturate(mean_square))
 
 
-def per_slice_rms(factor_dims: _UserChoice | None, updates: optax.Updates) -> optax.Updates:
+def per_slice_rms(updates: optax.Updates, *, factor_dims: _UserChoice | None) -> optax.Updates:
   """The RMS of each leaf of ``updates``, per slice along its batch axes."""
 
   def one(path: jax.tree_util.KeyPath, x: jax.Array) -> jax.Array:
     name = _checks.path_name(path)
-    return rms(x, _slice_axes(factor_dims, name, jnp.shape(x)))
+    return rms(x, axes=_slice_axes(factor_dims, name, jnp.shape(x)))
 
   return jax.tree_util.tree_map_with_path(one, updates)
 
 
 def clip_by_update_rms(
   clipping_threshold: float = 1.0,
+  *,
   factor_dims: FactorDimsFn | FactorRules | None = None,
 ) -> optax.GradientTransformation:
   r"""Clips each parameter's update to an RMS of at most ``clipping_threshold``.
@@ -76,6 +77,7 @@ def clip_by_update_rms(
       denominator = jnp.maximum(1.0, update_rms / clipping_threshold)
       return (update.astype(jnp.float32) / denominator).astype(update.dtype)
 
-    return jax.tree.map(clip, updates, per_slice_rms(user_choice, updates)), state
+    update_rms = per_slice_rms(updates, factor_dims=user_choice)
+    return jax.tree.map(clip, updates, update_rms), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)

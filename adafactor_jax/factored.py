@@ -100,8 +100,12 @@ class ScaleByFactoredRmsState(NamedTuple):
   v: optax.Updates
 
 
+DEFAULT_MIN_DIM_SIZE_TO_FACTOR = 128
+"""The least second-largest dimension of a factored parameter, by default (as optax)."""
+
+
 def default_factor_dims(
-  shape: Sequence[int], min_dim_size_to_factor: int = 128
+  shape: Sequence[int], *, min_dim_size_to_factor: int = DEFAULT_MIN_DIM_SIZE_TO_FACTOR
 ) -> tuple[int, int] | None:
   """The default choice of factored axes: the two largest dimensions.
 
@@ -315,6 +319,7 @@ def _precondition(
 
 def scale_by_factored_rms(
   decay_rate: float = 0.8,
+  *,
   decay_offset: int = 0,
   beta2_cap: float | None = None,
   epsilon1: float = 1e-30,
@@ -379,7 +384,7 @@ def scale_by_factored_rms(
     Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory
     Cost <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
-  schedules.check_decay_args(decay_rate, decay_offset, beta2_cap)
+  schedules.check_decay_args(decay_rate, decay_offset=decay_offset, beta2_cap=beta2_cap)
   _checks.check_scalar("epsilon1", epsilon1, low=0.0, low_open=True)
   _checks.check_bool("factored", factored)
   _checks.check_scalar("min_dim_size_to_factor", min_dim_size_to_factor, low=1, integer=True)
@@ -392,13 +397,15 @@ def scale_by_factored_rms(
     hint="Pass None to turn clipping off.",
   )
   user_choice = _rules_fn(factor_dims)
-  beta2_schedule = schedules.decay_rate_pow(decay_rate, decay_offset, beta2_cap)
+  beta2_schedule = schedules.decay_rate_pow(
+    decay_rate, decay_offset=decay_offset, beta2_cap=beta2_cap
+  )
 
   def choose(name: str, shape: tuple[int, ...], min_dim: int) -> FactorAxes | None:
-    dims = _DEFAULT if user_choice is None else user_choice(name, shape)
-    if dims is _DEFAULT:
-      dims = default_factor_dims(shape, min_dim)
-    dims = _normalize_dims(dims, name, shape)
+    choice = _DEFAULT if user_choice is None else user_choice(name, shape)
+    if choice is _DEFAULT:
+      choice = default_factor_dims(shape, min_dim_size_to_factor=min_dim)
+    dims = _normalize_dims(choice, name, shape)
     if dims is not None and not factored:
       return dims._replace(row=(), col=())
     return dims

@@ -38,7 +38,7 @@ def momentum_dtype_or_error(momentum_dtype: Any) -> jnp.dtype:
 
 
 def ema_momentum(
-  momentum: float = 0.9, momentum_dtype: Any = FLOAT32
+  momentum: float = 0.9, *, momentum_dtype: Any = FLOAT32
 ) -> optax.GradientTransformation:
   r"""An exponential moving average of the updates, without bias correction.
 

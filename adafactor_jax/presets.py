@@ -25,7 +25,7 @@ def _last_two_axes(path: str, shape: tuple[int, ...]) -> tuple[int, int] | None:
   return (len(shape) - 2, len(shape) - 1) if len(shape) >= 2 else None
 
 
-def _check_eps(eps: Any, allow_none_first: bool) -> None:
+def _check_eps(eps: Any, *, allow_none_first: bool) -> None:
   if not isinstance(eps, (tuple, list)) or len(eps) != 2:
     raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}.")
   _checks.check_scalar("eps[0]", eps[0], low=0.0, low_open=True, allow_none=allow_none_first)
@@ -45,6 +45,7 @@ def paper(**overrides: Any) -> optax.GradientTransformationExtraArgs:
 
 def t5x(
   learning_rate: optax.ScalarOrSchedule | None = None,
+  *,
   weight_decay: float | None = None,
   factor_dims: Any = None,
   momentum: float | None = None,
@@ -87,6 +88,7 @@ def t5x(
 
 def big_vision(
   learning_rate: optax.ScalarOrSchedule,
+  *,
   weight_decay: optax.ScalarOrSchedule | None = None,
   weight_decay_mask: Any = None,
   momentum: float = 0.9,
@@ -112,7 +114,7 @@ def big_vision(
   """
   chain = [
     scale_by_factored_rms(beta2_cap=beta2_cap, min_dim_size_to_factor=min_dim_size_to_factor),
-    ema_momentum(momentum, momentum_dtype),
+    ema_momentum(momentum, momentum_dtype=momentum_dtype),
   ]
   if weight_decay is not None:
     chain.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
@@ -122,6 +124,7 @@ def big_vision(
 
 def hf_transformers(
   lr: float | None = None,
+  *,
   eps: tuple[float, float] = (1e-30, 1e-3),
   clip_threshold: float = 1.0,
   decay_rate: float = -0.8,
@@ -190,6 +193,7 @@ def hf_transformers(
 
 def torch_adafactor(
   lr: float = 1e-2,
+  *,
   beta2_decay: float = -0.8,
   eps: tuple[float | None, float] = (None, 1e-3),
   d: float = 1.0,

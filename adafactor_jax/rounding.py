@@ -20,7 +20,7 @@ class StochasticRoundingState(NamedTuple):
   key: jax.Array
 
 
-def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
+def stochastic_round(x: jax.Array, *, dtype: Any, key: jax.Array) -> jax.Array:
   r"""Rounds ``x`` to ``dtype``, up or down at random, unbiased.
 
   With :math:`a \le x \le b` the two neighbours of :math:`x` in ``dtype``, the
@@ -118,7 +118,7 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
       if not _rounds_stochastically(param.dtype):
         return update
       wide = param.astype(jnp.float32)
-      new = stochastic_round(wide + update.astype(jnp.float32), param.dtype, key)
+      new = stochastic_round(wide + update.astype(jnp.float32), dtype=param.dtype, key=key)
       return new.astype(jnp.float32) - wide
 
     params_leaves = treedef.flatten_up_to(params)

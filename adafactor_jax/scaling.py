@@ -13,6 +13,7 @@ from adafactor_jax.factored import FactorDimsFn, FactorRules, _rules_fn
 
 def scale_by_parameter_scale(
   epsilon2: float = 1e-3,
+  *,
   factor_dims: FactorDimsFn | FactorRules | None = None,
 ) -> optax.GradientTransformation:
   r"""Multiplies each parameter's update by the parameter's own scale.
@@ -54,6 +55,7 @@ def scale_by_parameter_scale(
       factor = jnp.maximum(epsilon2, param_rms)
       return (update.astype(jnp.float32) * factor).astype(update.dtype)
 
-    return jax.tree.map(scale, updates, per_slice_rms(user_choice, params)), state
+    param_rms = per_slice_rms(params, factor_dims=user_choice)
+    return jax.tree.map(scale, updates, param_rms), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)

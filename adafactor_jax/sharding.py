@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -14,7 +15,7 @@ import optax
 from jax.sharding import PartitionSpec, Sharding
 
 from adafactor_jax import _checks
-from adafactor_jax.factored import FactorAxes, default_factor_dims
+from adafactor_jax.factored import DEFAULT_MIN_DIM_SIZE_TO_FACTOR, FactorAxes, default_factor_dims
 
 ROLES = ("row", "col", "batch", None)
 """What a logical axis name can stand for in :data:`STANDARD_FACTOR_RULES`."""
@@ -101,8 +102,9 @@ def _role(name: Any, table: Mapping[str, str | None]) -> str | None:
 
 def logical_factor_dims(
   param_axes: Any,
+  *,
   rules: Mapping[str, str | None] | None = None,
-  min_dim_size_to_factor: int = 128,
+  min_dim_size_to_factor: int = DEFAULT_MIN_DIM_SIZE_TO_FACTOR,
 ) -> Callable[[str, tuple[int, ...]], FactorAxes]:
   """Chooses each parameter's factored and batch axes by its logical axis names.
 
@@ -163,7 +165,7 @@ def logical_factor_dims(
         "must have the structure of the params the optimizer is given."
       ) from None
     if names is None:
-      pair = default_factor_dims(shape, min_dim_size_to_factor)
+      pair = default_factor_dims(shape, min_dim_size_to_factor=min_dim_size_to_factor)
       return FactorAxes((pair[0],), (pair[1],)) if pair else FactorAxes()
     if len(names) != len(shape):
       raise ValueError(
@@ -174,7 +176,9 @@ def logical_factor_dims(
     row, col, batch = (tuple(i for i, r in enumerate(roles) if r == want) for want in ROLES[:3])
     if not (row and col):
       rest = [i for i in range(len(shape)) if i not in batch]
-      pair = default_factor_dims([shape[i] for i in rest], min_dim_size_to_factor)
+      pair = default_factor_dims(
+        [shape[i] for i in rest], min_dim_size_to_factor=min_dim_size_to_factor
+      )
       row, col = ((rest[pair[0]],), (rest[pair[1]],)) if pair else ((), ())
     elif min(math.prod(shape[i] for i in axes) for axes in (row, col)) < min_dim_size_to_factor:
       row, col = (), ()
@@ -183,7 +187,15 @@ def logical_factor_dims(
   return choose
 
 
-def state_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any) -> Any:
+_MISSING: Any = object()
+
+
+def state_shardings(
+  tx: optax.GradientTransformation,
+  *deprecated_positional: Any,
+  params: Any = _MISSING,
+  param_shardings: Any = _MISSING,
+) -> Any:
   """The shardings of ``tx.init(params)`` for params sharded as given.
 
   For ``in_shardings``/``out_shardings`` of ``jax.jit``, so that a sharded
@@ -198,9 +210,25 @@ def state_shardings(tx: optax.GradientTransformation, params: Any, param_shardin
   parameter with the averaged axes replicated, full-size buffers (unfactored
   second moments, momentum) exactly like it, and counters replicated.
 
+  ``params`` and ``param_shardings`` are keyword arguments. The old positional
+  call ``state_shardings(tx, params, param_shardings)`` still works, with a
+  DeprecationWarning, until its last callers are moved.
+
   Returns:
     A tree of shardings with the structure of ``tx.init(params)``.
   """
+  if deprecated_positional:
+    if len(deprecated_positional) != 2 or params is not _MISSING or param_shardings is not _MISSING:
+      raise TypeError("state_shardings takes tx, then params= and param_shardings= by keyword.")
+    warnings.warn(
+      "state_shardings(tx, params, param_shardings) with positional arguments is deprecated: "
+      "pass params=... and param_shardings=... by keyword.",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    params, param_shardings = deprecated_positional
+  if params is _MISSING or param_shardings is _MISSING:
+    raise TypeError("state_shardings needs params= and param_shardings= (by keyword).")
 
   def abstract(path: jax.tree_util.KeyPath, param: Any, sharding: Any) -> jax.ShapeDtypeStruct:
     if not isinstance(sharding, Sharding):

@@ -93,7 +93,7 @@ def check(mesh_shape, axis_type, layout) -> dict:
   with jax.set_mesh(mesh):
     state = jax.jit(tx.init)(params)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
-    predicted = adafactor_jax.state_shardings(tx, abstract, shardings)
+    predicted = adafactor_jax.state_shardings(tx, params=abstract, param_shardings=shardings)
     compiled = jax.jit(step).lower(params, state, jax.device_put(grads[0], shardings)).compile()
     update_hlo = (
       jax.jit(lambda s, g, p: tx.update(g, s, p)).lower(state, params, params).compile().as_text()

@@ -203,16 +203,18 @@ def test_state_shardings_refuses_what_is_not_a_sharding():
   tx = adafactor_jax.adafactor()
   params = {"w": jnp.zeros((256, 256))}
   with pytest.raises(ValueError, match="param_shardings at 'w' must be a jax.sharding.Sharding"):
-    adafactor_jax.state_shardings(tx, params, {"w": P("data")})
+    adafactor_jax.state_shardings(tx, params=params, param_shardings={"w": P("data")})
   with pytest.raises(ValueError, match="no param_shardings for parameter"):
-    adafactor_jax.state_shardings(tx, params, {"v": jax.devices()[0]})
+    adafactor_jax.state_shardings(tx, params=params, param_shardings={"v": jax.devices()[0]})
 
 
 def test_state_shardings_on_one_device_place_everything_there():
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   params = {"w": jax.ShapeDtypeStruct((256, 512), jnp.float32), "b": jnp.zeros(3)}
   tx = adafactor_jax.adafactor(momentum=0.9)
-  shardings = adafactor_jax.state_shardings(tx, params, {"w": device, "b": device})
+  shardings = adafactor_jax.state_shardings(
+    tx, params=params, param_shardings={"w": device, "b": device}
+  )
   assert jax.tree.structure(shardings) == jax.tree.structure(jax.eval_shape(tx.init, params))
   assert all(s.device_set == {jax.devices()[0]} for s in jax.tree.leaves(shardings))
 
