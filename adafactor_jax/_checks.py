@@ -133,6 +133,8 @@ def zeros_like_param(
   fold it to a constant (which would drop the sharding), and it runs once, in
   ``init``.
   """
+  if jnp.iscomplexobj(param):
+    param = jnp.abs(param)  # a cast to float32 would warn that it drops the imaginary part
   zeros = jnp.minimum(jnp.abs(jnp.nan_to_num(jnp.asarray(param, jnp.float32))), 0.0)
   if reduced_axes:
     zeros = jnp.sum(zeros, reduced_axes, keepdims=True)

@@ -166,7 +166,8 @@ def adafactor(
      nearest (:func:`adafactor_jax.stochastic_rounding`).
 
   With ``learning_rate`` a float, the numerics equal ``optax.adafactor`` with
-  the same arguments, for float32 parameters and momentum. Unlike
+  the same arguments, for float32 and complex64 parameters (:math:`G^2` is
+  :math:`|G|^2`, as optax) and float32 momentum. Unlike
   ``optax.adafactor``, ``learning_rate=None`` means the paper's relative step
   (optax then takes no step size at all), statistics stay float32 for bf16
   parameters, momentum arithmetic is float32 whatever ``momentum_dtype``,

@@ -15,13 +15,15 @@ from adafactor_jax.factored import (
   _rules_fn,
   _slice_axes,
   _UserChoice,
+  abs_square,
   saturate,
+  widen,
 )
 
 
 def rms(x: jax.Array, *, axes: Sequence[int] | None = None) -> jax.Array:
-  """sqrt(mean(x²)) in float32 over ``axes`` (all), kept as size-1 axes; finite for finite x."""
-  mean_square = jnp.mean(jnp.square(x.astype(jnp.float32)), axes, keepdims=axes is not None)
+  """sqrt(mean(|x|²)) in float32 over ``axes`` (all), kept as size-1 axes; finite for finite x."""
+  mean_square = jnp.mean(abs_square(x), axes, keepdims=axes is not None)
   return jnp.sqrt(saturate(mean_square))
 
 
@@ -47,7 +49,7 @@ def clip_by_update_rms(
 
   the RMS taken over the whole parameter (over each slice along the batch
   axes that ``factor_dims`` declares, e.g. each of a stack of scanned layers),
-  in float32. With :math:`d = 1` and
+  in float32, of :math:`|U_t|` for complex updates. With :math:`d = 1` and
   the factored second moment, this keeps updates bounded when the second-moment
   estimate is stale (slow decay without warmup). The same math as
   ``optax.clip_by_block_rms``, plus validation and float32 arithmetic for
@@ -75,7 +77,7 @@ def clip_by_update_rms(
 
     def clip(update: jax.Array, update_rms: jax.Array) -> jax.Array:
       denominator = jnp.maximum(1.0, update_rms / clipping_threshold)
-      return (update.astype(jnp.float32) / denominator).astype(update.dtype)
+      return (widen(update) / denominator).astype(update.dtype)
 
     update_rms = per_slice_rms(updates, factor_dims=user_choice)
     return jax.tree.map(clip, updates, update_rms), state

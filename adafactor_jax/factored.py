@@ -70,6 +70,22 @@ def saturate(x: jax.Array) -> jax.Array:
   return jnp.minimum(x, _CEILING)
 
 
+def widen(x: jax.Array) -> jax.Array:
+  """x in float32, or complex64 if it is complex: the precision of every step."""
+  return x.astype(jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32)
+
+
+def abs_square(x: jax.Array) -> jax.Array:
+  """|x|² in float32: x² for real x, Re(conj(x) x) for complex x (as optax).
+
+  (For complex x, XLA:CPU's reductions take |x|² as a float32 array; from
+  Re(x)² + Im(x)² they would take Re(x) and Im(x), twice the bytes.)
+  """
+  if jnp.iscomplexobj(x):
+    return (x.conj() * x).real.astype(jnp.float32)
+  return jnp.square(x.astype(jnp.float32))
+
+
 def _mean(x: jax.Array, axes: Sequence[int]) -> jax.Array:
   """The mean over ``axes``, kept as size-1 axes, as a sum of x/n, for the
   small reduced statistics: the sum of n of them near the ceiling overflows.
@@ -235,10 +251,13 @@ def _saturating_cast(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
   """x in dtype, saturating at its largest finite value rather than overflowing.
 
   G/sqrt(V̂) can exceed float16's range before clipping brings it back; as inf it
-  would make clipping compute inf/inf.
+  would make clipping compute inf/inf. (Complex x is complex64, the narrowest
+  complex dtype: its cast only widens.)
   """
   if jnp.dtype(dtype) == x.dtype:
     return x
+  if jnp.iscomplexobj(x):
+    return x.astype(dtype)
   largest = float(jnp.finfo(dtype).max)
   return jnp.clip(x, -largest, largest).astype(dtype)
 
@@ -247,7 +266,8 @@ class _Preconditioned(NamedTuple):
   r"""One parameter's step of :func:`_precondition`.
 
   :math:`U = G / \sqrt{\hat V}` is ``grad * factors[0] * factors[1]`` in
-  float32, left unevaluated so that each consumer fuses it into its own loop.
+  float32 (complex64 for a complex G), left unevaluated so that each consumer
+  fuses it into its own loop.
   """
 
   v_row: jax.Array | None
@@ -279,26 +299,26 @@ def _precondition(
   stores G² in a parameter-sized temporary. So each reduction reads its own
   copy of G behind an optimization barrier, and mean(U²) = Σ_i r_i² Σ_j G_ij² c_j²
   shares one pass with the row statistics, computed after the column ones.
+  For complex G, G² is |G|² (as optax); the real path is unchanged by that.
   """
   if v is not None:
-    g32 = grad.astype(jnp.float32)
-    v = beta2 * v + (1 - beta2) * (saturate(jnp.square(g32)) + epsilon1)
+    v = beta2 * v + (1 - beta2) * (saturate(abs_square(grad)) + epsilon1)
     factor = jax.lax.rsqrt(v)
     msq = None
     if mean_square_axes is not None:
       g_msq, v_msq = jax.lax.optimization_barrier((grad, v))
       # (G / sqrt(v))², not G² / v: G² overflows first.
-      u_msq = g_msq.astype(jnp.float32) * jax.lax.rsqrt(v_msq)
-      msq = saturate(jnp.mean(jnp.square(u_msq), mean_square_axes, keepdims=True))
+      u_msq = widen(g_msq) * jax.lax.rsqrt(v_msq)
+      msq = saturate(jnp.mean(abs_square(u_msq), mean_square_axes, keepdims=True))
     return _Preconditioned(None, None, v, (factor, jnp.ones([], jnp.float32)), msq)
 
   assert v_row is not None and v_col is not None  # factored: both, by construction
   rows, cols = _factored_axes(v_row, v_col)
   g_rows, g_cols = jax.lax.optimization_barrier((grad, grad))
-  col_mean = jnp.mean(jnp.square(g_cols.astype(jnp.float32)), rows, keepdims=True)
+  col_mean = jnp.mean(abs_square(g_cols), rows, keepdims=True)
   v_col = saturate(beta2 * v_col + (1 - beta2) * (col_mean + epsilon1))
   col_factor = jax.lax.rsqrt(v_col)
-  g_rows = jnp.square(g_rows.astype(jnp.float32))
+  g_rows = abs_square(g_rows)
   if mean_square_axes is not None:
     # Row means of G² and of G² c² in one pass, along a trailing axis of size 2
     # (a leading one measured 3-7% slower on XLA:CPU).
@@ -345,8 +365,9 @@ def scale_by_factored_rms(
   (1-\hat\beta_{2t})(G_t^2+\epsilon_1)`. The decay
   :math:`\hat\beta_{2t}` is :func:`adafactor_jax.schedules.decay_rate_pow`.
   Statistics are float32 whatever the parameter dtype; the update has the
-  gradient's dtype (saturating at its largest finite value). The state of an
-  :math:`n\times m` matrix holds :math:`n + m` numbers.
+  gradient's dtype (saturating at its largest finite value). For complex
+  gradients :math:`G^2` is :math:`|G|^2` (as optax), and the update is complex.
+  The state of an :math:`n\times m` matrix holds :math:`n + m` numbers.
 
   The choice of factored axes is made once, by ``init``, and recorded in the
   state (see :class:`ScaleByFactoredRmsState`); ``update`` reads it from there.
@@ -478,7 +499,7 @@ def scale_by_factored_rms(
       if clipping_threshold is not None and out.mean_square is not None:
         # Folded into a small factor: no extra multiply per element.
         col_factor = col_factor / jnp.maximum(1.0, jnp.sqrt(out.mean_square) / clipping_threshold)
-      return _saturating_cast(grad.astype(jnp.float32) * row_factor * col_factor, grad.dtype)
+      return _saturating_cast(widen(grad) * row_factor * col_factor, grad.dtype)
 
     new_updates = [scaled(g, out) for g, out in zip(grads, outputs, strict=True)]
     v_row, v_col, v = (

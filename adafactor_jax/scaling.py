@@ -8,7 +8,7 @@ import optax
 
 from adafactor_jax import _checks
 from adafactor_jax.clipping import per_slice_rms
-from adafactor_jax.factored import FactorDimsFn, FactorRules, _rules_fn
+from adafactor_jax.factored import FactorDimsFn, FactorRules, _rules_fn, widen
 
 
 def scale_by_parameter_scale(
@@ -23,7 +23,8 @@ def scale_by_parameter_scale(
 
   the RMS over the whole parameter (over each slice along the batch axes that
   ``factor_dims`` declares, e.g. each of a stack of scanned layers), in
-  float32. Chained after a relative step size :math:`\rho_t` it gives the paper's absolute step
+  float32, of :math:`|X|` for complex parameters. Chained after a relative
+  step size :math:`\rho_t` it gives the paper's absolute step
   :math:`\alpha_t = \max(\epsilon_2, \mathrm{RMS}(X_{t-1}))\,\rho_t`; ``epsilon2``
   lets parameters that start at zero move.
 
@@ -53,7 +54,7 @@ def scale_by_parameter_scale(
 
     def scale(update: jax.Array, param_rms: jax.Array) -> jax.Array:
       factor = jnp.maximum(epsilon2, param_rms)
-      return (update.astype(jnp.float32) * factor).astype(update.dtype)
+      return (widen(update) * factor).astype(update.dtype)
 
     param_rms = per_slice_rms(params, factor_dims=user_choice)
     return jax.tree.map(scale, updates, param_rms), state
