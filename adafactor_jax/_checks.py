@@ -131,8 +131,12 @@ def zeros_like_param(
   eagerly, as each op's output. ``jnp.zeros`` would put the whole state on one
   device. min(|x|, 0) is 0 for every x that ``nan_to_num`` leaves; XLA does not
   fold it to a constant (which would drop the sharding), and it runs once, in
-  ``init``.
+  ``init``. An abstract parameter (``jax.ShapeDtypeStruct``) stands for zeros
+  with its shape, dtype and sharding, so that eager ``init`` returns the same
+  state as for real arrays (as optax's ``init`` does).
   """
+  if isinstance(param, jax.ShapeDtypeStruct):
+    param = jnp.zeros(param.shape, param.dtype, device=param.sharding)
   if jnp.iscomplexobj(param):
     param = jnp.abs(param)  # a cast to float32 would warn that it drops the imaginary part
   zeros = jnp.minimum(jnp.abs(jnp.nan_to_num(jnp.asarray(param, jnp.float32))), 0.0)

@@ -17,7 +17,7 @@ import pytest
 
 import adafactor_jax
 from adafactor_jax import presets, schedules
-from tests.conftest import relative_error, run_optax
+from tests.conftest import assert_bit_identical, relative_error, run_optax
 from tests.reference import Options, Reference
 
 # --------------------------------------------------------------------------- 16.1 complex
@@ -164,6 +164,59 @@ def test_16_1_complex_step_temporaries_stay_bounded():
   state = jax.eval_shape(tx.init, shapes)
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(shapes, state, shapes).compile()
   assert compiled.memory_analysis().temp_size_in_bytes <= 1.05 * 1024 * 512 * 8
+
+
+# --------------------------------------------------------------------------- 16.2 abstract init
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+INIT_PARAMS = {
+  "kernel": jnp.zeros((256, 192)),
+  "bias": jnp.zeros(192, jnp.bfloat16),
+  "z": jnp.zeros((4, 3), jnp.complex64),
+  "scalar": jnp.zeros(()),
+}
+
+
+@pytest.mark.parametrize(
+  "kwargs",
+  [{}, {"momentum": 0.9, "stochastic_rounding": True, "skip_nonfinite": True}],
+  ids=["paper", "every state"],
+)
+def test_16_2_init_on_shape_dtype_structs_returns_the_state(kwargs):
+  tx = adafactor_jax.adafactor(**kwargs)
+  state = tx.init(_abstract(INIT_PARAMS))
+  assert_bit_identical(state, tx.init(INIT_PARAMS), "init from ShapeDtypeStructs")
+  abstract_state = jax.eval_shape(tx.init, _abstract(INIT_PARAMS))
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == jax.tree.map(
+    lambda x: (x.shape, x.dtype), abstract_state
+  )
+  # One bare leaf, as optax's sharding_test does it, and the state updates.
+  single = jax.ShapeDtypeStruct((2, 4, 8), jnp.float32)
+  assert tx.init(single) is not None
+  grads = jax.tree.map(jnp.ones_like, INIT_PARAMS)
+  updates, _ = jax.jit(tx.update)(grads, state, INIT_PARAMS)
+  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+def test_16_2_init_on_shape_dtype_structs_places_the_state_by_their_sharding():
+  device = jax.devices()[-1]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  params = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), INIT_PARAMS
+  )
+  state = adafactor_jax.adafactor(momentum=0.9).init(params)
+  arrays = [x for x in jax.tree.leaves(state[0]) if x.ndim]
+  assert arrays and all(x.devices() == {device} for x in arrays)
+  # state_shardings, which traces init, accepts the same abstract params.
+  tx = adafactor_jax.adafactor()
+  shardings = adafactor_jax.state_shardings(
+    tx, params=params, param_shardings=jax.tree.map(lambda _: sharding, params)
+  )
+  assert jax.tree.structure(shardings) == jax.tree.structure(tx.init(params))
 
 
 # --------------------------------------------------------------------------- 16.5 keyword-only

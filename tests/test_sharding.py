@@ -306,6 +306,18 @@ def test_state_follows_the_params_shardings(on_eight_devices, case):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_16_2_init_on_sharded_shape_dtype_structs_places_the_state_as_jit_does(
+  on_eight_devices, case
+):
+  """Equal to jax.jit(tx.init)'s, up to mesh axes of size 1 (which XLA drops)."""
+  observed, mesh_sizes = _case(on_eight_devices, case), _mesh_sizes(case)
+  assert observed["abstract_init"].keys() == observed["init"].keys()
+  for key, spec in observed["abstract_init"].items():
+    expected = observed["init"][key]
+    assert _canonical(spec, mesh_sizes) == _canonical(expected, mesh_sizes), (key, spec, expected)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_per_device_state_bytes_are_what_the_shardings_imply(on_eight_devices, case):
   observed = _case(on_eight_devices, case)
   mesh_sizes = _mesh_sizes(case)
