@@ -31,7 +31,7 @@ def adafactor_chain(
   weight_decay: optax.ScalarOrSchedule | None,
   weight_decay_mask: Any,
   factored: bool,
-  min_dim_size_to_factor: int,
+  min_dim_size_to_factor: int | None,
   skip_nonfinite: bool,
   factor_dims: FactorDimsFn | FactorRules | None = None,
   stochastic_rounding: bool = False,
@@ -128,7 +128,7 @@ def adafactor(
   weight_decay: optax.ScalarOrSchedule | None = None,
   weight_decay_mask: Any = None,
   factored: bool = True,
-  min_dim_size_to_factor: int = 128,
+  min_dim_size_to_factor: int | None = None,
   skip_nonfinite: bool = False,
   factor_dims: FactorDimsFn | FactorRules | None = None,
   stochastic_rounding: bool = False,
@@ -196,7 +196,9 @@ def adafactor(
       one) selecting the parameters to decay, as ``optax.add_decayed_weights``.
     factored: factor the second moment of parameters of rank >= 2.
     min_dim_size_to_factor: factor only when the second largest dimension is
-      at least this (>= 1).
+      at least this (>= 1). None (the default) means 128; it is None rather
+      than 128 so that ``optax.inject_hyperparams`` leaves it static and
+      ``jax.jit(tx.init)`` works without ``static_args``.
     factor_dims: overrides the default choice of factored axes per parameter
       (see :func:`scale_by_factored_rms`), e.g.
       :func:`adafactor_jax.logical_factor_dims` to choose them by Flax logical

@@ -344,7 +344,7 @@ def scale_by_factored_rms(
   beta2_cap: float | None = None,
   epsilon1: float = 1e-30,
   factored: bool = True,
-  min_dim_size_to_factor: int = 128,
+  min_dim_size_to_factor: int | None = None,
   factor_dims: FactorDimsFn | FactorRules | None = None,
   clipping_threshold: float | None = None,
 ) -> optax.GradientTransformation:
@@ -389,7 +389,9 @@ def scale_by_factored_rms(
     epsilon1: :math:`\epsilon_1 > 0`, added to :math:`G^2` (paper: 1e-30).
     factored: if False, keep a full second moment for every parameter.
     min_dim_size_to_factor: factor a parameter only when its second largest
-      dimension is at least this (>= 1); used by the default choice.
+      dimension is at least this (>= 1); used by the default choice. None
+      (the default) means 128, and stays static under
+      ``optax.inject_hyperparams``, so that ``jax.jit(tx.init)`` works.
     factor_dims: overrides the choice per parameter: a callable
       ``(path, shape) -> (row_axis, col_axis) | None``, or a sequence of
       ``(regex, (row_axis, col_axis) | None)`` rules matched with ``re.search``
@@ -408,7 +410,9 @@ def scale_by_factored_rms(
   schedules.check_decay_args(decay_rate, decay_offset=decay_offset, beta2_cap=beta2_cap)
   _checks.check_scalar("epsilon1", epsilon1, low=0.0, low_open=True)
   _checks.check_bool("factored", factored)
-  _checks.check_scalar("min_dim_size_to_factor", min_dim_size_to_factor, low=1, integer=True)
+  _checks.check_scalar(
+    "min_dim_size_to_factor", min_dim_size_to_factor, low=1, integer=True, allow_none=True
+  )
   _checks.check_scalar(
     "clipping_threshold",
     clipping_threshold,
@@ -432,16 +436,21 @@ def scale_by_factored_rms(
     return dims
 
   def init_fn(params: optax.Params) -> ScaleByFactoredRmsState:
-    min_dim = _checks.concrete_value(min_dim_size_to_factor)
-    if min_dim is None:
-      raise ValueError(
-        "min_dim_size_to_factor is traced, so init cannot choose the factored "
-        "axes. Call init outside jax.jit, or with optax.inject_hyperparams "
-        "pass static_args=('min_dim_size_to_factor',)."
-      )
+    if min_dim_size_to_factor is None:
+      min_dim = DEFAULT_MIN_DIM_SIZE_TO_FACTOR
+    else:
+      concrete = _checks.concrete_value(min_dim_size_to_factor)
+      if concrete is None:
+        raise ValueError(
+          "min_dim_size_to_factor is traced, so init cannot choose the factored "
+          "axes. Leave it out (its default, None for 128, stays static), call "
+          "init outside jax.jit, or with optax.inject_hyperparams pass "
+          "static_args=('min_dim_size_to_factor',)."
+        )
+      min_dim = int(concrete)
 
     def statistics(path: jax.tree_util.KeyPath, param: Any) -> _Statistics:
-      dims = choose(_checks.path_name(path), tuple(np.shape(param)), int(min_dim))
+      dims = choose(_checks.path_name(path), tuple(np.shape(param)), min_dim)
       if dims is None or not dims.row:
         return _Statistics(None, None, _checks.zeros_like_param(param))
       return _Statistics(

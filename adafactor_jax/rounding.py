@@ -95,11 +95,13 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
     BFloat16 Training <https://arxiv.org/abs/2010.06192>`_, 2020.
   """
   _checks.check_scalar("seed", seed, integer=True)
-  seed = int(seed)
+  # A traced seed (optax.inject_hyperparams under jax.jit) is an integer array already.
+  concrete_seed = _checks.concrete_value(seed)
+  key_seed = seed if concrete_seed is None else int(concrete_seed)
 
   def init_fn(params: optax.Params) -> StochasticRoundingState:
     del params
-    return StochasticRoundingState(jax.random.PRNGKey(seed))
+    return StochasticRoundingState(jax.random.PRNGKey(key_seed))
 
   def update_fn(
     updates: optax.Updates, state: StochasticRoundingState, params: optax.Params | None = None

@@ -219,6 +219,46 @@ def test_16_2_init_on_shape_dtype_structs_places_the_state_by_their_sharding():
   assert jax.tree.structure(shardings) == jax.tree.structure(tx.init(params))
 
 
+# --------------------------------------------------------------------------- 16.4 jit(init)
+
+
+PARAMS_4 = {
+  "kernel": jnp.ones((256, 192)),
+  "bias": jnp.ones(192),
+  "conv": jnp.ones((3, 3, 128, 256)),
+}
+
+
+@pytest.mark.parametrize(
+  "kwargs",
+  [{}, {"momentum": 0.9, "stochastic_rounding": True, "rounding_seed": 7}],
+  ids=["lr only", "momentum and rounding"],
+)
+def test_16_4_jit_init_under_inject_hyperparams_needs_no_static_args(kwargs):
+  tx = optax.inject_hyperparams(adafactor_jax.adafactor)(learning_rate=1e-2, **kwargs)
+  state = jax.jit(tx.init)(PARAMS_4)
+  assert_bit_identical(state, tx.init(PARAMS_4), "jit(init) against init")
+  stats = state.inner_state[0]
+  assert stats.v_row["kernel"].shape == (256, 1) and stats.v["kernel"] is None
+  assert stats.v["bias"].shape == (192,)
+  updates, state = jax.jit(tx.update)(PARAMS_4, state, PARAMS_4)
+  expected, _ = adafactor_jax.adafactor(learning_rate=1e-2, **kwargs).update(
+    PARAMS_4, tx.init(PARAMS_4).inner_state, PARAMS_4
+  )
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), updates, expected)
+
+
+def test_16_4_a_traced_min_dim_size_to_factor_keeps_the_clear_error():
+  tx = optax.inject_hyperparams(adafactor_jax.adafactor)(min_dim_size_to_factor=200)
+  with pytest.raises(ValueError, match="min_dim_size_to_factor is traced.*static_args"):
+    jax.jit(tx.init)(PARAMS_4)
+  static = optax.inject_hyperparams(adafactor_jax.adafactor, static_args="min_dim_size_to_factor")
+  state = jax.jit(static(min_dim_size_to_factor=200).init)(PARAMS_4)
+  stats = state.inner_state[0]
+  assert stats.v["kernel"].shape == (256, 192)  # 192 < 200: not factored (128 would)
+  assert stats.v_row["kernel"] is None
+
+
 # --------------------------------------------------------------------------- 16.5 keyword-only
 
 
