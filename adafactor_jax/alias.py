@@ -38,11 +38,16 @@ def adafactor_chain(
   rounding_seed: int = 0,
   relative_max_step_size: float = 1e-2,
   weight_decay_scaled_by_step: bool = False,
+  maximize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`adafactor`, with the extra knobs the presets need.
 
   ``weight_decay_scaled_by_step`` adds the weight decay right after clipping,
   so that the step size and parameter scale multiply it (HF transformers).
+  ``maximize`` ascends: the step size takes the other sign, so the step is
+  that of the negated gradient (U is odd in G, V̂ even) while weight decay
+  still shrinks the parameters (torch's ``maximize``); a scalar sign, no
+  extra pass over the update.
   """
   _checks.check_scalar(
     "learning_rate",
@@ -78,6 +83,7 @@ def adafactor_chain(
   _checks.check_scalar("epsilon2", epsilon2, low=0.0)
   _checks.check_bool("stochastic_rounding", stochastic_rounding)
   _checks.check_scalar("rounding_seed", rounding_seed, integer=True)
+  _checks.check_bool("maximize", maximize)
 
   chain = [
     scale_by_factored_rms(
@@ -98,7 +104,7 @@ def adafactor_chain(
     chain.append(weight_decay_step)
   if learning_rate is None:
     learning_rate = relative_step_size(warmup_init, max_step_size=relative_max_step_size)
-  chain.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
+  chain.append(optax.scale_by_learning_rate(learning_rate, flip_sign=maximize))
   if multiply_by_parameter_scale:
     chain.append(scale_by_parameter_scale(epsilon2, factor_dims=factor_dims))
   if momentum is not None:

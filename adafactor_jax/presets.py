@@ -198,14 +198,17 @@ def torch_adafactor(
   eps: tuple[float | None, float] = (None, 1e-3),
   d: float = 1.0,
   weight_decay: float = 0.0,
+  maximize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """``torch.optim.Adafactor`` with its own argument names and meanings.
 
-  Translation: the step size is :math:`\\min(\text{lr}, 1/\\sqrt t)` times the
+  Translation: the step size is :math:`\\min(\\text{lr}, 1/\\sqrt t)` times the
   parameter scale (always on); ``beta2_decay=-0.8`` is this library's 0.8;
   ``d`` is ``clipping_threshold``; weight decay is
-  :math:`X \\leftarrow X(1 - \text{lr}\\,\\lambda)`; every parameter of rank >= 2
-  is factored over its last two axes.
+  :math:`X \\leftarrow X(1 - \\text{lr}\\,\\lambda)`; every parameter of rank >= 2
+  is factored over its last two axes. ``maximize=True`` ascends, as torch's:
+  the step is that of the negated gradient, and weight decay still shrinks
+  the parameters.
 
   Difference from torch: torch *clamps* the second-moment estimate at
   ``eps[0]`` squared (default: the dtype's machine epsilon, 0.0078 in bf16) where
@@ -217,6 +220,7 @@ def torch_adafactor(
   _checks.check_scalar("d", d, low=0.0, low_open=True)
   _checks.check_scalar("weight_decay", weight_decay, low=0.0)
   _check_eps(eps, allow_none_first=True)
+  _checks.check_bool("maximize", maximize)
   _checks.check_scalar("beta2_decay", beta2_decay)
   if beta2_decay >= 0:
     raise ValueError(
@@ -243,4 +247,5 @@ def torch_adafactor(
     skip_nonfinite=False,
     factor_dims=_last_two_axes,
     relative_max_step_size=lr,
+    maximize=maximize,
   )

@@ -311,3 +311,26 @@ def test_16_5_state_shardings_positional_form_warns_and_agrees():
     assert adafactor_jax.state_shardings(tx, params, shardings) == expected
   with pytest.raises(TypeError, match="by keyword"):
     adafactor_jax.state_shardings(tx, params, param_shardings=shardings)
+
+
+# --------------------------------------------------------------------------- 16.6 maximize
+
+
+def test_16_6_torch_adafactor_maximize_steps_like_the_negated_gradient():
+  rng = np.random.default_rng(6)
+  params = {"w": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32), "b": jnp.ones(6)}
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape)), params) for _ in "abc"]
+  kwargs = {"lr": 3e-2, "weight_decay": 0.5}
+  ascend, _ = run_optax(presets.torch_adafactor(maximize=True, **kwargs), params, grads)
+  negated = [jax.tree.map(jnp.negative, g) for g in grads]
+  descend, _ = run_optax(presets.torch_adafactor(**kwargs), params, negated)
+  # torch: grad = -grad when maximizing; weight decay still shrinks X.
+  assert_bit_identical(ascend, descend, "maximize against descent on -G")
+  plain, _ = run_optax(presets.torch_adafactor(**kwargs), params, grads)
+  assert not np.allclose(ascend["w"], plain["w"])
+  # Ascent on f(X) = sum(X): every parameter grows without weight decay.
+  ones = [jax.tree.map(jnp.ones_like, params)] * 3
+  up, _ = run_optax(presets.torch_adafactor(lr=3e-2, maximize=True), params, ones)
+  assert all(np.all(up[k] > params[k]) for k in params)
+  with pytest.raises(ValueError, match="maximize must be True or False"):
+    presets.torch_adafactor(maximize=1)
