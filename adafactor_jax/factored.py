@@ -106,6 +106,10 @@ class ScaleByFactoredRmsState(NamedTuple):
   rank, with size 1 on the axis they average over (an n x m weight: (n, 1) and
   (1, m)), so which axes are factored is read from the state's shapes and an
   update never needs the hyperparameters that chose them.
+
+  Because of those None, ``optax.tree.map_params(tx, f, state, specs, ...)``
+  needs ``is_leaf=lambda x: x is None`` (f then sees None where a statistic
+  does not apply).
   """
 
   # int32, the number of updates so far. (The name shadows tuple.count, as in

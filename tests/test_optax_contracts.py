@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import adafactor_jax
 from adafactor_jax import presets, schedules
@@ -217,6 +219,59 @@ def test_16_2_init_on_shape_dtype_structs_places_the_state_by_their_sharding():
     tx, params=params, param_shardings=jax.tree.map(lambda _: sharding, params)
   )
   assert jax.tree.structure(shardings) == jax.tree.structure(tx.init(params))
+
+
+# --------------------------------------------------------------------------- 16.3 map_params
+
+
+def _statistic_spec(x, spec):
+  """The README's map_params function: the parameter's spec, with the axes a
+  statistic averages over (size 1) left unsharded; None where there is none."""
+  return (
+    None if x is None else P(*(a if n > 1 else None for a, n in zip(spec, x.shape, strict=False)))
+  )
+
+
+def test_16_3_map_params_with_the_documented_is_leaf_gives_usable_specs():
+  params = {"w": jnp.zeros((256, 192)), "b": jnp.zeros(192), "s": jnp.zeros(())}
+  specs = {"w": P("data", "model"), "b": P("model"), "s": P()}
+  tx = adafactor_jax.adafactor(momentum=0.9)
+  state = tx.init(params)
+  # optax's documented call stops at the None of a statistic that does not
+  # apply (no placeholder arrays here); None as a leaf is the one change.
+  with pytest.raises(ValueError, match="pytree structure"):
+    optax.tree.map_params(
+      tx, lambda _, spec: spec, state, specs, transform_non_params=lambda _: None
+    )
+  copied = optax.tree.map_params(
+    tx,
+    lambda _, spec: spec,
+    state,
+    specs,
+    transform_non_params=lambda _: None,
+    is_leaf=lambda x: x is None,
+  )
+  assert copied[0].v_row == {"w": specs["w"], "b": specs["b"], "s": specs["s"]}
+  # A spec per statistic that jit accepts on any mesh: the averaged axes unsharded.
+  state_specs = optax.tree.map_params(
+    tx,
+    _statistic_spec,
+    state,
+    specs,
+    transform_non_params=lambda _: None,
+    is_leaf=lambda x: x is None,
+  )
+  stats = state_specs[0]
+  assert stats.count is None
+  assert stats.v_row == {"w": P("data", None), "b": None, "s": None}
+  assert stats.v_col == {"w": P(None, "model"), "b": None, "s": None}
+  assert stats.v == {"w": None, "b": P("model"), "s": P()}
+  assert state_specs[3].momentum == specs
+  # Usable as they are: the init compiled with them as out_shardings.
+  mesh = jax.make_mesh((1, 1), ("data", "model"))
+  shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs)
+  compiled = jax.jit(tx.init, out_shardings=shardings).lower(params).compile()
+  assert jax.tree.structure(compiled.output_shardings) == jax.tree.structure(state)
 
 
 # --------------------------------------------------------------------------- 16.4 jit(init)
