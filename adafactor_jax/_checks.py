@@ -18,7 +18,7 @@ def concrete_value(value: Any) -> Any:
     return None
 
 
-def _interval(low, high, low_open, high_open) -> str:
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
   left = "(" if low_open or low is None else "["
   right = ")" if high_open or high is None else "]"
   low_text = "-inf" if low is None else f"{low:g}"
@@ -105,11 +105,11 @@ def check_tree_matches(
     if extra:
       parts.append(f"{what} for unknown parameter(s) {', '.join(map(repr, extra))}")
     raise ValueError(f"The {what} tree does not match the parameters: {'; '.join(parts)}.")
-  if jax.tree.structure(updates) != jax.tree.structure(reference):
+  structure: Any = jax.tree.structure(updates)  # Any: jaxlib has no type stub for PyTreeDef
+  if structure != jax.tree.structure(reference):
     raise ValueError(
       f"The {what} tree has the parameters' paths but not their structure "
-      f"(container types differ): {jax.tree.structure(updates)} vs "
-      f"{jax.tree.structure(reference)}."
+      f"(container types differ): {structure} vs {jax.tree.structure(reference)}."
     )
   for path, leaf in update_paths.items() if shapes else ():
     expected = tuple(np.shape(reference_paths[path]))
@@ -120,7 +120,9 @@ def check_tree_matches(
       )
 
 
-def zeros_like_param(param: Any, dtype: Any = jnp.float32, reduced_axes: tuple[int, ...] = ()):
+def zeros_like_param(
+  param: Any, dtype: Any = jnp.float32, *, reduced_axes: tuple[int, ...] = ()
+) -> jax.Array:
   """Zeros of the parameter's shape, size 1 on ``reduced_axes``, sharded like it.
 
   Computed from the parameter, not made by ``jnp.zeros``, so that state
@@ -129,8 +131,14 @@ def zeros_like_param(param: Any, dtype: Any = jnp.float32, reduced_axes: tuple[i
   eagerly, as each op's output. ``jnp.zeros`` would put the whole state on one
   device. min(|x|, 0) is 0 for every x that ``nan_to_num`` leaves; XLA does not
   fold it to a constant (which would drop the sharding), and it runs once, in
-  ``init``.
+  ``init``. An abstract parameter (``jax.ShapeDtypeStruct``) stands for zeros
+  with its shape, dtype and sharding, so that eager ``init`` returns the same
+  state as for real arrays (as optax's ``init`` does).
   """
+  if isinstance(param, jax.ShapeDtypeStruct):
+    param = jnp.zeros(param.shape, param.dtype, device=param.sharding)
+  if jnp.iscomplexobj(param):
+    param = jnp.abs(param)  # a cast to float32 would warn that it drops the imaginary part
   zeros = jnp.minimum(jnp.abs(jnp.nan_to_num(jnp.asarray(param, jnp.float32))), 0.0)
   if reduced_axes:
     zeros = jnp.sum(zeros, reduced_axes, keepdims=True)

@@ -31,18 +31,23 @@ def adafactor_chain(
   weight_decay: optax.ScalarOrSchedule | None,
   weight_decay_mask: Any,
   factored: bool,
-  min_dim_size_to_factor: int,
+  min_dim_size_to_factor: int | None,
   skip_nonfinite: bool,
   factor_dims: FactorDimsFn | FactorRules | None = None,
   stochastic_rounding: bool = False,
   rounding_seed: int = 0,
   relative_max_step_size: float = 1e-2,
   weight_decay_scaled_by_step: bool = False,
+  maximize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`adafactor`, with the extra knobs the presets need.
 
   ``weight_decay_scaled_by_step`` adds the weight decay right after clipping,
   so that the step size and parameter scale multiply it (HF transformers).
+  ``maximize`` ascends: the step size takes the other sign, so the step is
+  that of the negated gradient (U is odd in G, V̂ even) while weight decay
+  still shrinks the parameters (torch's ``maximize``); a scalar sign, no
+  extra pass over the update.
   """
   _checks.check_scalar(
     "learning_rate",
@@ -78,6 +83,7 @@ def adafactor_chain(
   _checks.check_scalar("epsilon2", epsilon2, low=0.0)
   _checks.check_bool("stochastic_rounding", stochastic_rounding)
   _checks.check_scalar("rounding_seed", rounding_seed, integer=True)
+  _checks.check_bool("maximize", maximize)
 
   chain = [
     scale_by_factored_rms(
@@ -97,12 +103,12 @@ def adafactor_chain(
   if weight_decay_step is not None and weight_decay_scaled_by_step:
     chain.append(weight_decay_step)
   if learning_rate is None:
-    learning_rate = relative_step_size(warmup_init, relative_max_step_size)
-  chain.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
+    learning_rate = relative_step_size(warmup_init, max_step_size=relative_max_step_size)
+  chain.append(optax.scale_by_learning_rate(learning_rate, flip_sign=maximize))
   if multiply_by_parameter_scale:
-    chain.append(scale_by_parameter_scale(epsilon2, factor_dims))
+    chain.append(scale_by_parameter_scale(epsilon2, factor_dims=factor_dims))
   if momentum is not None:
-    chain.append(ema_momentum(momentum, momentum_dtype))
+    chain.append(ema_momentum(momentum, momentum_dtype=momentum_dtype))
   if weight_decay_step is not None and not weight_decay_scaled_by_step:
     chain.append(weight_decay_step)
   chain.append(optax.scale(-1.0))
@@ -114,6 +120,7 @@ def adafactor_chain(
 
 def adafactor(
   learning_rate: optax.ScalarOrSchedule | None = None,
+  *,
   decay_rate: float = 0.8,
   decay_offset: int = 0,
   beta2_cap: float | None = None,
@@ -127,7 +134,7 @@ def adafactor(
   weight_decay: optax.ScalarOrSchedule | None = None,
   weight_decay_mask: Any = None,
   factored: bool = True,
-  min_dim_size_to_factor: int = 128,
+  min_dim_size_to_factor: int | None = None,
   skip_nonfinite: bool = False,
   factor_dims: FactorDimsFn | FactorRules | None = None,
   stochastic_rounding: bool = False,
@@ -165,7 +172,8 @@ def adafactor(
      nearest (:func:`adafactor_jax.stochastic_rounding`).
 
   With ``learning_rate`` a float, the numerics equal ``optax.adafactor`` with
-  the same arguments, for float32 parameters and momentum. Unlike
+  the same arguments, for float32 and complex64 parameters (:math:`G^2` is
+  :math:`|G|^2`, as optax) and float32 momentum. Unlike
   ``optax.adafactor``, ``learning_rate=None`` means the paper's relative step
   (optax then takes no step size at all), statistics stay float32 for bf16
   parameters, momentum arithmetic is float32 whatever ``momentum_dtype``,
@@ -194,7 +202,9 @@ def adafactor(
       one) selecting the parameters to decay, as ``optax.add_decayed_weights``.
     factored: factor the second moment of parameters of rank >= 2.
     min_dim_size_to_factor: factor only when the second largest dimension is
-      at least this (>= 1).
+      at least this (>= 1). None (the default) means 128; it is None rather
+      than 128 so that ``optax.inject_hyperparams`` leaves it static and
+      ``jax.jit(tx.init)`` works without ``static_args``.
     factor_dims: overrides the default choice of factored axes per parameter
       (see :func:`scale_by_factored_rms`), e.g.
       :func:`adafactor_jax.logical_factor_dims` to choose them by Flax logical

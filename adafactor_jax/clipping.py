@@ -9,27 +9,37 @@ import jax.numpy as jnp
 import optax
 
 from adafactor_jax import _checks
-from adafactor_jax.factored import FactorDimsFn, FactorRules, _rules_fn, _slice_axes, saturate
+from adafactor_jax.factored import (
+  FactorDimsFn,
+  FactorRules,
+  _rules_fn,
+  _slice_axes,
+  _UserChoice,
+  abs_square,
+  saturate,
+  widen,
+)
 
 
-def rms(x: jax.Array, axes: Sequence[int] | None = None) -> jax.Array:
-  """sqrt(mean(x²)) in float32 over ``axes`` (all), kept as size-1 axes; finite for finite x."""
-  mean_square = jnp.mean(jnp.square(x.astype(jnp.float32)), axes, keepdims=axes is not None)
+def rms(x: jax.Array, *, axes: Sequence[int] | None = None) -> jax.Array:
+  """sqrt(mean(|x|²)) in float32 over ``axes`` (all), kept as size-1 axes; finite for finite x."""
+  mean_square = jnp.mean(abs_square(x), axes, keepdims=axes is not None)
   return jnp.sqrt(saturate(mean_square))
 
 
-def per_slice_rms(factor_dims: FactorDimsFn | None, updates: optax.Updates) -> optax.Updates:
+def per_slice_rms(updates: optax.Updates, *, factor_dims: _UserChoice | None) -> optax.Updates:
   """The RMS of each leaf of ``updates``, per slice along its batch axes."""
 
-  def one(path, x):
+  def one(path: jax.tree_util.KeyPath, x: jax.Array) -> jax.Array:
     name = _checks.path_name(path)
-    return rms(x, _slice_axes(factor_dims, name, jnp.shape(x)))
+    return rms(x, axes=_slice_axes(factor_dims, name, jnp.shape(x)))
 
   return jax.tree_util.tree_map_with_path(one, updates)
 
 
 def clip_by_update_rms(
   clipping_threshold: float = 1.0,
+  *,
   factor_dims: FactorDimsFn | FactorRules | None = None,
 ) -> optax.GradientTransformation:
   r"""Clips each parameter's update to an RMS of at most ``clipping_threshold``.
@@ -39,7 +49,7 @@ def clip_by_update_rms(
 
   the RMS taken over the whole parameter (over each slice along the batch
   axes that ``factor_dims`` declares, e.g. each of a stack of scanned layers),
-  in float32. With :math:`d = 1` and
+  in float32, of :math:`|U_t|` for complex updates. With :math:`d = 1` and
   the factored second moment, this keeps updates bounded when the second-moment
   estimate is stale (slow decay without warmup). The same math as
   ``optax.clip_by_block_rms``, plus validation and float32 arithmetic for
@@ -60,13 +70,16 @@ def clip_by_update_rms(
   _checks.check_scalar("clipping_threshold", clipping_threshold, low=0.0, low_open=True)
   user_choice = _rules_fn(factor_dims)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, optax.EmptyState]:
     del params
 
-    def clip(update, update_rms):
+    def clip(update: jax.Array, update_rms: jax.Array) -> jax.Array:
       denominator = jnp.maximum(1.0, update_rms / clipping_threshold)
-      return (update.astype(jnp.float32) / denominator).astype(update.dtype)
+      return (widen(update) / denominator).astype(update.dtype)
 
-    return jax.tree.map(clip, updates, per_slice_rms(user_choice, updates)), state
+    update_rms = per_slice_rms(updates, factor_dims=user_choice)
+    return jax.tree.map(clip, updates, update_rms), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +70,22 @@ def saturate(x: jax.Array) -> jax.Array:
   return jnp.minimum(x, _CEILING)
 
 
+def widen(x: jax.Array) -> jax.Array:
+  """x in float32, or complex64 if it is complex: the precision of every step."""
+  return x.astype(jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32)
+
+
+def abs_square(x: jax.Array) -> jax.Array:
+  """|x|² in float32: x² for real x, Re(conj(x) x) for complex x (as optax).
+
+  (For complex x, XLA:CPU's reductions take |x|² as a float32 array; from
+  Re(x)² + Im(x)² they would take Re(x) and Im(x), twice the bytes.)
+  """
+  if jnp.iscomplexobj(x):
+    return (x.conj() * x).real.astype(jnp.float32)
+  return jnp.square(x.astype(jnp.float32))
+
+
 def _mean(x: jax.Array, axes: Sequence[int]) -> jax.Array:
   """The mean over ``axes``, kept as size-1 axes, as a sum of x/n, for the
   small reduced statistics: the sum of n of them near the ceiling overflows.
@@ -90,15 +106,27 @@ class ScaleByFactoredRmsState(NamedTuple):
   rank, with size 1 on the axis they average over (an n x m weight: (n, 1) and
   (1, m)), so which axes are factored is read from the state's shapes and an
   update never needs the hyperparameters that chose them.
+
+  Because of those None, ``optax.tree.map_params(tx, f, state, specs, ...)``
+  needs ``is_leaf=lambda x: x is None`` (f then sees None where a statistic
+  does not apply).
   """
 
-  count: jax.Array  # int32, the number of updates so far.
+  # int32, the number of updates so far. (The name shadows tuple.count, as in
+  # optax's states.)
+  count: jax.Array  # type: ignore[assignment]
   v_row: optax.Updates
   v_col: optax.Updates
   v: optax.Updates
 
 
-def default_factor_dims(shape: Sequence[int], min_dim_size_to_factor: int = 128) -> FactorDims:
+DEFAULT_MIN_DIM_SIZE_TO_FACTOR = 128
+"""The least second-largest dimension of a factored parameter, by default (as optax)."""
+
+
+def default_factor_dims(
+  shape: Sequence[int], *, min_dim_size_to_factor: int = DEFAULT_MIN_DIM_SIZE_TO_FACTOR
+) -> tuple[int, int] | None:
   """The default choice of factored axes: the two largest dimensions.
 
   Ties go to the later axis (as optax). Returns (row_axis, col_axis) in
@@ -115,17 +143,20 @@ def default_factor_dims(shape: Sequence[int], min_dim_size_to_factor: int = 128)
   return min(first, second), max(first, second)
 
 
-def _normalize_dims(dims, path: str, shape: tuple[int, ...]) -> FactorAxes | None:
-  """`dims` as a FactorAxes of non-negative, sorted axes; None for no choice."""
+def _normalize_dims(dims: Any, path: str, shape: tuple[int, ...]) -> FactorAxes | None:
+  """`dims` (what a user's choice returned) as a FactorAxes of non-negative,
+  sorted axes; None for no choice."""
   if dims is None:
     return None
   rank = len(shape)
+  row: tuple[int, ...]
+  col: tuple[int, ...]
+  batch: tuple[int, ...] = ()
   try:
     if isinstance(dims, FactorAxes):
       row, col, batch = (tuple(map(operator.index, axes)) for axes in dims)
     else:
       row, col = ((operator.index(axis),) for axis in dims)
-      batch = ()
   except (TypeError, ValueError):
     raise ValueError(
       f"The factored axes for parameter '{path}' must be a pair of ints "
@@ -145,7 +176,11 @@ def _normalize_dims(dims, path: str, shape: tuple[int, ...]) -> FactorAxes | Non
   return FactorAxes(*(tuple(sorted(a % rank for a in part)) for part in (row, col, batch)))
 
 
-def _rules_fn(factor_dims: FactorDimsFn | FactorRules | None) -> FactorDimsFn | None:
+_UserChoice = Callable[[str, tuple[int, ...]], Any]
+"""A FactorDimsFn, or rules as one function that answers _DEFAULT where none matches."""
+
+
+def _rules_fn(factor_dims: FactorDimsFn | FactorRules | None) -> _UserChoice | None:
   """The user's choice as one function (path, shape) -> dims or _DEFAULT."""
   if factor_dims is None or callable(factor_dims):
     return factor_dims
@@ -165,7 +200,7 @@ def _rules_fn(factor_dims: FactorDimsFn | FactorRules | None) -> FactorDimsFn | 
         f"pairs; {rule!r} is not: {error}"
       ) from None
 
-  def by_rules(path: str, shape: tuple[int, ...]):
+  def by_rules(path: str, shape: tuple[int, ...]) -> Any:
     for pattern, dims in rules:
       if pattern.search(path):
         return dims
@@ -177,15 +212,17 @@ def _rules_fn(factor_dims: FactorDimsFn | FactorRules | None) -> FactorDimsFn | 
 _DEFAULT = object()  # A rule's answer for "no rule matched: use the default".
 
 
-def _slice_axes(user_choice: FactorDimsFn | None, name: str, shape) -> tuple[int, ...]:
+def _slice_axes(
+  user_choice: _UserChoice | None, name: str, shape: Sequence[int]
+) -> tuple[int, ...]:
   """The axes that clipping and the parameter scale average over, for a param.
 
   All axes but the batch axes that the user's choice declares (see
   :class:`FactorAxes`): each slice along those is its own parameter.
   """
   shape = tuple(shape)
-  dims = None if user_choice is None else user_choice(name, shape)
-  dims = None if dims is _DEFAULT else _normalize_dims(dims, name, shape)
+  choice = None if user_choice is None else user_choice(name, shape)
+  dims = None if choice is _DEFAULT else _normalize_dims(choice, name, shape)
   batch = () if dims is None else dims.batch
   return tuple(axis for axis in range(len(shape)) if axis not in batch)
 
@@ -195,14 +232,14 @@ class _Statistics:
 
   __slots__ = ("arrays",)
 
-  def __init__(self, *arrays):
+  def __init__(self, *arrays: jax.Array | None) -> None:
     self.arrays = arrays
 
-  def __getitem__(self, i):
+  def __getitem__(self, i: int) -> jax.Array | None:
     return self.arrays[i]
 
 
-def _factored_axes(v_row: jax.Array, v_col: jax.Array):
+def _factored_axes(v_row: jax.Array, v_col: jax.Array) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """(row axes, column axes) read from the statistics' shapes.
 
   A factored axis of size 1 reads as neither; that is harmless, since
@@ -214,14 +251,17 @@ def _factored_axes(v_row: jax.Array, v_col: jax.Array):
   return rows, cols
 
 
-def _saturating_cast(x: jax.Array, dtype) -> jax.Array:
+def _saturating_cast(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
   """x in dtype, saturating at its largest finite value rather than overflowing.
 
   G/sqrt(V̂) can exceed float16's range before clipping brings it back; as inf it
-  would make clipping compute inf/inf.
+  would make clipping compute inf/inf. (Complex x is complex64, the narrowest
+  complex dtype: its cast only widens.)
   """
   if jnp.dtype(dtype) == x.dtype:
     return x
+  if jnp.iscomplexobj(x):
+    return x.astype(dtype)
   largest = float(jnp.finfo(dtype).max)
   return jnp.clip(x, -largest, largest).astype(dtype)
 
@@ -230,7 +270,8 @@ class _Preconditioned(NamedTuple):
   r"""One parameter's step of :func:`_precondition`.
 
   :math:`U = G / \sqrt{\hat V}` is ``grad * factors[0] * factors[1]`` in
-  float32, left unevaluated so that each consumer fuses it into its own loop.
+  float32 (complex64 for a complex G), left unevaluated so that each consumer
+  fuses it into its own loop.
   """
 
   v_row: jax.Array | None
@@ -241,7 +282,14 @@ class _Preconditioned(NamedTuple):
 
 
 def _precondition(
-  grad, v_row, v_col, v, beta2, epsilon1, *, mean_square_axes: tuple[int, ...] | None
+  grad: jax.Array,
+  v_row: jax.Array | None,
+  v_col: jax.Array | None,
+  v: jax.Array | None,
+  beta2: jax.Array,
+  epsilon1: float,
+  *,
+  mean_square_axes: tuple[int, ...] | None,
 ) -> _Preconditioned:
   """One parameter's new statistics and the factors of G / sqrt(V̂).
 
@@ -255,25 +303,26 @@ def _precondition(
   stores G² in a parameter-sized temporary. So each reduction reads its own
   copy of G behind an optimization barrier, and mean(U²) = Σ_i r_i² Σ_j G_ij² c_j²
   shares one pass with the row statistics, computed after the column ones.
+  For complex G, G² is |G|² (as optax); the real path is unchanged by that.
   """
   if v is not None:
-    g32 = grad.astype(jnp.float32)
-    v = beta2 * v + (1 - beta2) * (saturate(jnp.square(g32)) + epsilon1)
+    v = beta2 * v + (1 - beta2) * (saturate(abs_square(grad)) + epsilon1)
     factor = jax.lax.rsqrt(v)
     msq = None
     if mean_square_axes is not None:
       g_msq, v_msq = jax.lax.optimization_barrier((grad, v))
       # (G / sqrt(v))², not G² / v: G² overflows first.
-      u_msq = g_msq.astype(jnp.float32) * jax.lax.rsqrt(v_msq)
-      msq = saturate(jnp.mean(jnp.square(u_msq), mean_square_axes, keepdims=True))
+      u_msq = widen(g_msq) * jax.lax.rsqrt(v_msq)
+      msq = saturate(jnp.mean(abs_square(u_msq), mean_square_axes, keepdims=True))
     return _Preconditioned(None, None, v, (factor, jnp.ones([], jnp.float32)), msq)
 
+  assert v_row is not None and v_col is not None  # factored: both, by construction
   rows, cols = _factored_axes(v_row, v_col)
   g_rows, g_cols = jax.lax.optimization_barrier((grad, grad))
-  col_mean = jnp.mean(jnp.square(g_cols.astype(jnp.float32)), rows, keepdims=True)
+  col_mean = jnp.mean(abs_square(g_cols), rows, keepdims=True)
   v_col = saturate(beta2 * v_col + (1 - beta2) * (col_mean + epsilon1))
   col_factor = jax.lax.rsqrt(v_col)
-  g_rows = jnp.square(g_rows.astype(jnp.float32))
+  g_rows = abs_square(g_rows)
   if mean_square_axes is not None:
     # Row means of G² and of G² c² in one pass, along a trailing axis of size 2
     # (a leading one measured 3-7% slower on XLA:CPU).
@@ -294,11 +343,12 @@ def _precondition(
 
 def scale_by_factored_rms(
   decay_rate: float = 0.8,
+  *,
   decay_offset: int = 0,
   beta2_cap: float | None = None,
   epsilon1: float = 1e-30,
   factored: bool = True,
-  min_dim_size_to_factor: int = 128,
+  min_dim_size_to_factor: int | None = None,
   factor_dims: FactorDimsFn | FactorRules | None = None,
   clipping_threshold: float | None = None,
 ) -> optax.GradientTransformation:
@@ -319,8 +369,9 @@ def scale_by_factored_rms(
   (1-\hat\beta_{2t})(G_t^2+\epsilon_1)`. The decay
   :math:`\hat\beta_{2t}` is :func:`adafactor_jax.schedules.decay_rate_pow`.
   Statistics are float32 whatever the parameter dtype; the update has the
-  gradient's dtype (saturating at its largest finite value). The state of an
-  :math:`n\times m` matrix holds :math:`n + m` numbers.
+  gradient's dtype (saturating at its largest finite value). For complex
+  gradients :math:`G^2` is :math:`|G|^2` (as optax), and the update is complex.
+  The state of an :math:`n\times m` matrix holds :math:`n + m` numbers.
 
   The choice of factored axes is made once, by ``init``, and recorded in the
   state (see :class:`ScaleByFactoredRmsState`); ``update`` reads it from there.
@@ -342,7 +393,9 @@ def scale_by_factored_rms(
     epsilon1: :math:`\epsilon_1 > 0`, added to :math:`G^2` (paper: 1e-30).
     factored: if False, keep a full second moment for every parameter.
     min_dim_size_to_factor: factor a parameter only when its second largest
-      dimension is at least this (>= 1); used by the default choice.
+      dimension is at least this (>= 1); used by the default choice. None
+      (the default) means 128, and stays static under
+      ``optax.inject_hyperparams``, so that ``jax.jit(tx.init)`` works.
     factor_dims: overrides the choice per parameter: a callable
       ``(path, shape) -> (row_axis, col_axis) | None``, or a sequence of
       ``(regex, (row_axis, col_axis) | None)`` rules matched with ``re.search``
@@ -358,10 +411,12 @@ def scale_by_factored_rms(
     Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory
     Cost <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
-  schedules.check_decay_args(decay_rate, decay_offset, beta2_cap)
+  schedules.check_decay_args(decay_rate, decay_offset=decay_offset, beta2_cap=beta2_cap)
   _checks.check_scalar("epsilon1", epsilon1, low=0.0, low_open=True)
   _checks.check_bool("factored", factored)
-  _checks.check_scalar("min_dim_size_to_factor", min_dim_size_to_factor, low=1, integer=True)
+  _checks.check_scalar(
+    "min_dim_size_to_factor", min_dim_size_to_factor, low=1, integer=True, allow_none=True
+  )
   _checks.check_scalar(
     "clipping_threshold",
     clipping_threshold,
@@ -370,30 +425,36 @@ def scale_by_factored_rms(
     allow_none=True,
     hint="Pass None to turn clipping off.",
   )
-  clip = clipping_threshold is not None
   user_choice = _rules_fn(factor_dims)
-  beta2_schedule = schedules.decay_rate_pow(decay_rate, decay_offset, beta2_cap)
+  beta2_schedule = schedules.decay_rate_pow(
+    decay_rate, decay_offset=decay_offset, beta2_cap=beta2_cap
+  )
 
   def choose(name: str, shape: tuple[int, ...], min_dim: int) -> FactorAxes | None:
-    dims = _DEFAULT if user_choice is None else user_choice(name, shape)
-    if dims is _DEFAULT:
-      dims = default_factor_dims(shape, min_dim)
-    dims = _normalize_dims(dims, name, shape)
+    choice = _DEFAULT if user_choice is None else user_choice(name, shape)
+    if choice is _DEFAULT:
+      choice = default_factor_dims(shape, min_dim_size_to_factor=min_dim)
+    dims = _normalize_dims(choice, name, shape)
     if dims is not None and not factored:
       return dims._replace(row=(), col=())
     return dims
 
-  def init_fn(params):
-    min_dim = _checks.concrete_value(min_dim_size_to_factor)
-    if min_dim is None:
-      raise ValueError(
-        "min_dim_size_to_factor is traced, so init cannot choose the factored "
-        "axes. Call init outside jax.jit, or with optax.inject_hyperparams "
-        "pass static_args=('min_dim_size_to_factor',)."
-      )
+  def init_fn(params: optax.Params) -> ScaleByFactoredRmsState:
+    if min_dim_size_to_factor is None:
+      min_dim = DEFAULT_MIN_DIM_SIZE_TO_FACTOR
+    else:
+      concrete = _checks.concrete_value(min_dim_size_to_factor)
+      if concrete is None:
+        raise ValueError(
+          "min_dim_size_to_factor is traced, so init cannot choose the factored "
+          "axes. Leave it out (its default, None for 128, stays static), call "
+          "init outside jax.jit, or with optax.inject_hyperparams pass "
+          "static_args=('min_dim_size_to_factor',)."
+        )
+      min_dim = int(concrete)
 
-    def statistics(path, param):
-      dims = choose(_checks.path_name(path), tuple(np.shape(param)), int(min_dim))
+    def statistics(path: jax.tree_util.KeyPath, param: Any) -> _Statistics:
+      dims = choose(_checks.path_name(path), tuple(np.shape(param)), min_dim)
       if dims is None or not dims.row:
         return _Statistics(None, None, _checks.zeros_like_param(param))
       return _Statistics(
@@ -411,13 +472,17 @@ def scale_by_factored_rms(
       *(jax.tree.map(lambda s, i=i: s[i], per_param) for i in range(3)),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates, state: ScaleByFactoredRmsState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, ScaleByFactoredRmsState]:
     del params
 
-    def parameter_shape(v_row, v_col, v):
+    def parameter_shape(
+      v_row: jax.Array | None, v_col: jax.Array | None, v: jax.Array | None
+    ) -> jax.ShapeDtypeStruct | None:
       if v is not None:
         return jax.ShapeDtypeStruct(v.shape, v.dtype)
-      if v_row is not None:
+      if v_row is not None and v_col is not None:
         return jax.ShapeDtypeStruct(np.broadcast_shapes(v_row.shape, v_col.shape), v_row.dtype)
       return None  # A None parameter.
 
@@ -425,30 +490,29 @@ def scale_by_factored_rms(
       parameter_shape, state.v_row, state.v_col, state.v, is_leaf=lambda x: x is None
     )
     _checks.check_tree_matches(updates, parameter_shapes)
-    treedef = jax.tree.structure(updates)
+    treedef: Any = jax.tree.structure(updates)  # jaxlib has no type stub for PyTreeDef
     grads = treedef.flatten_up_to(updates)
     v_rows, v_cols, vs = (
       treedef.flatten_up_to(tree) for tree in (state.v_row, state.v_col, state.v)
     )
     beta2 = beta2_schedule(state.count)
-    if clip:
+    msq_axes: list[tuple[int, ...] | None] = [None] * len(grads)
+    if clipping_threshold is not None:
       msq_axes = [
         _slice_axes(user_choice, _checks.path_name(path), jnp.shape(g))
         for path, g in jax.tree_util.tree_leaves_with_path(updates)
       ]
-    else:
-      msq_axes = [None] * len(grads)
     outputs = [
       _precondition(g, r, c, v, beta2, epsilon1, mean_square_axes=axes)
       for g, r, c, v, axes in zip(grads, v_rows, v_cols, vs, msq_axes, strict=True)
     ]
 
-    def scaled(grad, out: _Preconditioned):
+    def scaled(grad: jax.Array, out: _Preconditioned) -> jax.Array:
       row_factor, col_factor = out.factors
-      if clip:
+      if clipping_threshold is not None and out.mean_square is not None:
         # Folded into a small factor: no extra multiply per element.
         col_factor = col_factor / jnp.maximum(1.0, jnp.sqrt(out.mean_square) / clipping_threshold)
-      return _saturating_cast(grad.astype(jnp.float32) * row_factor * col_factor, grad.dtype)
+      return _saturating_cast(widen(grad) * row_factor * col_factor, grad.dtype)
 
     new_updates = [scaled(g, out) for g, out in zip(grads, outputs, strict=True)]
     v_row, v_col, v = (

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from adafactor_jax import _checks
+from adafactor_jax.factored import widen
 
 # A dtype instance, not the jnp.float32 class: optax.inject_hyperparams takes
 # every callable argument for a schedule, and the class is callable.
@@ -37,8 +38,21 @@ def momentum_dtype_or_error(momentum_dtype: Any) -> jnp.dtype:
   return dtype
 
 
+def _buffer_dtype(path: jax.tree_util.KeyPath, param: Any, momentum_dtype: jnp.dtype) -> jnp.dtype:
+  """``momentum_dtype``, or its complex counterpart for a complex parameter."""
+  if not jnp.iscomplexobj(param):
+    return momentum_dtype
+  if jnp.finfo(momentum_dtype).bits < 32:
+    raise ValueError(
+      f"momentum_dtype {momentum_dtype.name} has no complex counterpart, for the complex "
+      f"parameter '{_checks.path_name(path)}': pass momentum_dtype=float32 (a complex64 "
+      "buffer)."
+    )
+  return jnp.promote_types(momentum_dtype, jnp.complex64)
+
+
 def ema_momentum(
-  momentum: float = 0.9, momentum_dtype: Any = FLOAT32
+  momentum: float = 0.9, *, momentum_dtype: Any = FLOAT32
 ) -> optax.GradientTransformation:
   r"""An exponential moving average of the updates, without bias correction.
 
@@ -56,6 +70,9 @@ def ema_momentum(
   Args:
     momentum: :math:`\beta_1 \in [0, 1)`.
     momentum_dtype: dtype of the stored buffer; bfloat16 halves its memory.
+      A complex parameter gets the complex counterpart (float32: complex64,
+      with complex64 arithmetic); bfloat16 and float16 have none and raise
+      ValueError naming it.
 
   Returns:
     An `optax.GradientTransformation` whose state is :class:`EmaMomentumState`.
@@ -63,21 +80,24 @@ def ema_momentum(
   _checks.check_scalar("momentum", momentum, low=0.0, high=1.0, high_open=True)
   momentum_dtype = momentum_dtype_or_error(momentum_dtype)
 
-  def init_fn(params):
-    return EmaMomentumState(
-      jax.tree.map(lambda p: _checks.zeros_like_param(p, momentum_dtype), params)
-    )
+  def init_fn(params: optax.Params) -> EmaMomentumState:
+    def buffer(path: jax.tree_util.KeyPath, param: Any) -> jax.Array:
+      return _checks.zeros_like_param(param, _buffer_dtype(path, param, momentum_dtype))
 
-  def update_fn(updates, state, params=None):
+    return EmaMomentumState(jax.tree_util.tree_map_with_path(buffer, params))
+
+  def update_fn(
+    updates: optax.Updates, state: EmaMomentumState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, EmaMomentumState]:
     del params
     new = jax.tree.map(
-      lambda u, m: momentum * m.astype(jnp.float32) + (1.0 - momentum) * u.astype(jnp.float32),
-      updates,
-      state.momentum,
+      lambda u, m: momentum * widen(m) + (1.0 - momentum) * widen(u), updates, state.momentum
     )
     # Without the barrier XLA recomputes M_t inside the parameter update too,
     # which reads the old buffer again and so needs a copy of it.
-    stored = jax.lax.optimization_barrier(jax.tree.map(lambda n: n.astype(momentum_dtype), new))
+    stored = jax.lax.optimization_barrier(
+      jax.tree.map(lambda n, m: n.astype(m.dtype), new, state.momentum)
+    )
     updates = jax.tree.map(lambda m, u: m.astype(u.dtype), stored, updates)
     return updates, EmaMomentumState(stored)
 

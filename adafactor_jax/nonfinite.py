@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ class SkipNonfiniteState(NamedTuple):
   skipped_steps: jax.Array  # int32: steps skipped so far for non-finite gradients.
 
 
-def all_finite(tree) -> jax.Array:
+def all_finite(tree: Any) -> jax.Array:
   """True when every element of every leaf of ``tree`` is finite."""
   leaves = jax.tree.leaves(tree)
   return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
@@ -43,10 +43,15 @@ def skip_nonfinite(
   """
   inner = optax.with_extra_args_support(inner)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> SkipNonfiniteState:
     return SkipNonfiniteState(inner.init(params), jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: SkipNonfiniteState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, SkipNonfiniteState]:
     finite = all_finite(updates)
     new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
     inner_state = jax.tree.map(

@@ -19,13 +19,13 @@ from adafactor_jax.factored import scale_by_factored_rms
 from adafactor_jax.momentum import ema_momentum
 
 
-def _last_two_axes(path: str, shape: tuple[int, ...]):
+def _last_two_axes(path: str, shape: tuple[int, ...]) -> tuple[int, int] | None:
   """Factor the last two axes of every parameter of rank >= 2 (torch, HF)."""
   del path
   return (len(shape) - 2, len(shape) - 1) if len(shape) >= 2 else None
 
 
-def _check_eps(eps, allow_none_first: bool) -> None:
+def _check_eps(eps: Any, *, allow_none_first: bool) -> None:
   if not isinstance(eps, (tuple, list)) or len(eps) != 2:
     raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}.")
   _checks.check_scalar("eps[0]", eps[0], low=0.0, low_open=True, allow_none=allow_none_first)
@@ -45,6 +45,7 @@ def paper(**overrides: Any) -> optax.GradientTransformationExtraArgs:
 
 def t5x(
   learning_rate: optax.ScalarOrSchedule | None = None,
+  *,
   weight_decay: float | None = None,
   factor_dims: Any = None,
   momentum: float | None = None,
@@ -87,6 +88,7 @@ def t5x(
 
 def big_vision(
   learning_rate: optax.ScalarOrSchedule,
+  *,
   weight_decay: optax.ScalarOrSchedule | None = None,
   weight_decay_mask: Any = None,
   momentum: float = 0.9,
@@ -119,7 +121,7 @@ def big_vision(
     scale_by_factored_rms(
       beta2_cap=beta2_cap, min_dim_size_to_factor=min_dim_size_to_factor, factor_dims=factor_dims
     ),
-    ema_momentum(momentum, momentum_dtype),
+    ema_momentum(momentum, momentum_dtype=momentum_dtype),
   ]
   if weight_decay is not None:
     chain.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
@@ -129,6 +131,7 @@ def big_vision(
 
 def hf_transformers(
   lr: float | None = None,
+  *,
   eps: tuple[float, float] = (1e-30, 1e-3),
   clip_threshold: float = 1.0,
   decay_rate: float = -0.8,
@@ -197,18 +200,22 @@ def hf_transformers(
 
 def torch_adafactor(
   lr: float = 1e-2,
+  *,
   beta2_decay: float = -0.8,
   eps: tuple[float | None, float] = (None, 1e-3),
   d: float = 1.0,
   weight_decay: float = 0.0,
+  maximize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """``torch.optim.Adafactor`` with its own argument names and meanings.
 
-  Translation: the step size is :math:`\\min(\text{lr}, 1/\\sqrt t)` times the
+  Translation: the step size is :math:`\\min(\\text{lr}, 1/\\sqrt t)` times the
   parameter scale (always on); ``beta2_decay=-0.8`` is this library's 0.8;
   ``d`` is ``clipping_threshold``; weight decay is
-  :math:`X \\leftarrow X(1 - \text{lr}\\,\\lambda)`; every parameter of rank >= 2
-  is factored over its last two axes.
+  :math:`X \\leftarrow X(1 - \\text{lr}\\,\\lambda)`; every parameter of rank >= 2
+  is factored over its last two axes. ``maximize=True`` ascends, as torch's:
+  the step is that of the negated gradient, and weight decay still shrinks
+  the parameters.
 
   Difference from torch: torch *clamps* the second-moment estimate at
   ``eps[0]`` squared (default: the dtype's machine epsilon, 0.0078 in bf16) where
@@ -220,6 +227,7 @@ def torch_adafactor(
   _checks.check_scalar("d", d, low=0.0, low_open=True)
   _checks.check_scalar("weight_decay", weight_decay, low=0.0)
   _check_eps(eps, allow_none_first=True)
+  _checks.check_bool("maximize", maximize)
   _checks.check_scalar("beta2_decay", beta2_decay)
   if beta2_decay >= 0:
     raise ValueError(
@@ -246,4 +254,5 @@ def torch_adafactor(
     skip_nonfinite=False,
     factor_dims=_last_two_axes,
     relative_max_step_size=lr,
+    maximize=maximize,
   )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ class StochasticRoundingState(NamedTuple):
   key: jax.Array
 
 
-def stochastic_round(x: jax.Array, dtype, key: jax.Array) -> jax.Array:
+def stochastic_round(x: jax.Array, *, dtype: Any, key: jax.Array) -> jax.Array:
   r"""Rounds ``x`` to ``dtype``, up or down at random, unbiased.
 
   With :math:`a \le x \le b` the two neighbours of :math:`x` in ``dtype``, the
@@ -49,7 +49,7 @@ def stochastic_round(x: jax.Array, dtype, key: jax.Array) -> jax.Array:
   return jnp.where(draw < probability, other, nearest)
 
 
-def _rounds_stochastically(dtype) -> bool:
+def _rounds_stochastically(dtype: Any) -> bool:
   dtype = np.dtype(dtype)
   return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4
 
@@ -95,27 +95,32 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
     BFloat16 Training <https://arxiv.org/abs/2010.06192>`_, 2020.
   """
   _checks.check_scalar("seed", seed, integer=True)
-  seed = int(seed)
+  # A traced seed (optax.inject_hyperparams under jax.jit) is an integer array already.
+  concrete_seed = _checks.concrete_value(seed)
+  key_seed = seed if concrete_seed is None else int(concrete_seed)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> StochasticRoundingState:
     del params
-    return StochasticRoundingState(jax.random.PRNGKey(seed))
+    return StochasticRoundingState(jax.random.PRNGKey(key_seed))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates, state: StochasticRoundingState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, StochasticRoundingState]:
     if params is None:
       raise ValueError(
         "stochastic_rounding needs the parameters: call update(updates, state, params)."
       )
     _checks.check_tree_matches(updates, params)
     next_key, step_key = jax.random.split(state.key)
+    treedef: Any  # jaxlib has no type stub for PyTreeDef
     leaves, treedef = jax.tree.flatten(updates)
     leaf_keys = jax.random.split(step_key, len(leaves))
 
-    def rounded(update, param, key):
+    def rounded(update: jax.Array, param: jax.Array, key: jax.Array) -> jax.Array:
       if not _rounds_stochastically(param.dtype):
         return update
       wide = param.astype(jnp.float32)
-      new = stochastic_round(wide + update.astype(jnp.float32), param.dtype, key)
+      new = stochastic_round(wide + update.astype(jnp.float32), dtype=param.dtype, key=key)
       return new.astype(jnp.float32) - wide
 
     params_leaves = treedef.flatten_up_to(params)

@@ -8,11 +8,12 @@ import optax
 
 from adafactor_jax import _checks
 from adafactor_jax.clipping import per_slice_rms
-from adafactor_jax.factored import FactorDimsFn, FactorRules, _rules_fn
+from adafactor_jax.factored import FactorDimsFn, FactorRules, _rules_fn, widen
 
 
 def scale_by_parameter_scale(
   epsilon2: float = 1e-3,
+  *,
   factor_dims: FactorDimsFn | FactorRules | None = None,
 ) -> optax.GradientTransformation:
   r"""Multiplies each parameter's update by the parameter's own scale.
@@ -22,7 +23,8 @@ def scale_by_parameter_scale(
 
   the RMS over the whole parameter (over each slice along the batch axes that
   ``factor_dims`` declares, e.g. each of a stack of scanned layers), in
-  float32. Chained after a relative step size :math:`\rho_t` it gives the paper's absolute step
+  float32, of :math:`|X|` for complex parameters. Chained after a relative
+  step size :math:`\rho_t` it gives the paper's absolute step
   :math:`\alpha_t = \max(\epsilon_2, \mathrm{RMS}(X_{t-1}))\,\rho_t`; ``epsilon2``
   lets parameters that start at zero move.
 
@@ -41,17 +43,20 @@ def scale_by_parameter_scale(
   _checks.check_scalar("epsilon2", epsilon2, low=0.0)
   user_choice = _rules_fn(factor_dims)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(
+    updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, optax.EmptyState]:
     if params is None:
       raise ValueError(
         "scale_by_parameter_scale needs the parameters: call update(updates, state, params)."
       )
     _checks.check_tree_matches(updates, params)
 
-    def scale(update, param_rms):
+    def scale(update: jax.Array, param_rms: jax.Array) -> jax.Array:
       factor = jnp.maximum(epsilon2, param_rms)
-      return (update.astype(jnp.float32) * factor).astype(update.dtype)
+      return (widen(update) * factor).astype(update.dtype)
 
-    return jax.tree.map(scale, updates, per_slice_rms(user_choice, params)), state
+    param_rms = per_slice_rms(params, factor_dims=user_choice)
+    return jax.tree.map(scale, updates, param_rms), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)

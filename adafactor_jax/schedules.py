@@ -14,7 +14,7 @@ import optax
 from adafactor_jax import _checks
 
 
-def relative_step_size(warmup_init: bool = False, max_step_size: float = 1e-2) -> optax.Schedule:
+def relative_step_size(warmup_init: bool = False, *, max_step_size: float = 1e-2) -> optax.Schedule:
   r"""The relative step size :math:`\rho_t` of Adafactor (Algorithm 6).
 
   .. math::
@@ -52,6 +52,7 @@ def relative_step_size(warmup_init: bool = False, max_step_size: float = 1e-2) -
 
 def decay_rate_pow(
   decay_rate: float = 0.8,
+  *,
   decay_offset: int = 0,
   beta2_cap: float | None = None,
 ) -> optax.Schedule:
@@ -78,7 +79,7 @@ def decay_rate_pow(
   Returns:
     An `optax.Schedule` of the step count.
   """
-  check_decay_args(decay_rate, decay_offset, beta2_cap)
+  check_decay_args(decay_rate, decay_offset=decay_offset, beta2_cap=beta2_cap)
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
     t = jnp.asarray(count, jnp.float32) + 1.0 - decay_offset
@@ -90,7 +91,8 @@ def decay_rate_pow(
   return schedule
 
 
-def check_decay_args(decay_rate, decay_offset, beta2_cap) -> None:
+def check_decay_args(decay_rate: float, *, decay_offset: int, beta2_cap: float | None) -> None:
+  """Raises ValueError naming the first of the decay's arguments out of range."""
   _checks.check_scalar(
     "decay_rate",
     decay_rate,
@@ -105,7 +107,7 @@ def check_decay_args(decay_rate, decay_offset, beta2_cap) -> None:
   _checks.check_scalar("beta2_cap", beta2_cap, low=0.0, high=1.0, low_open=True, allow_none=True)
 
 
-def rsqrt_decay(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) -> optax.Schedule:
+def rsqrt_decay(base_learning_rate: float = 1.0, *, warmup_steps: int = 10_000) -> optax.Schedule:
   r"""T5's learning rate :math:`\text{base} / \sqrt{\max(\text{count}, \text{warmup\_steps})}`.
 
   The T5/T5X pre-training schedule ('constant * rsqrt_decay'): constant for

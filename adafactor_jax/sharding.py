@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -14,7 +14,7 @@ import optax
 from jax.sharding import PartitionSpec, Sharding
 
 from adafactor_jax import _checks
-from adafactor_jax.factored import FactorAxes, FactorDimsFn, default_factor_dims
+from adafactor_jax.factored import DEFAULT_MIN_DIM_SIZE_TO_FACTOR, FactorAxes, default_factor_dims
 
 ROLES = ("row", "col", "batch", None)
 """What a logical axis name can stand for in :data:`STANDARD_FACTOR_RULES`."""
@@ -101,9 +101,10 @@ def _role(name: Any, table: Mapping[str, str | None]) -> str | None:
 
 def logical_factor_dims(
   param_axes: Any,
+  *,
   rules: Mapping[str, str | None] | None = None,
-  min_dim_size_to_factor: int = 128,
-) -> FactorDimsFn:
+  min_dim_size_to_factor: int = DEFAULT_MIN_DIM_SIZE_TO_FACTOR,
+) -> Callable[[str, tuple[int, ...]], FactorAxes]:
   """Chooses each parameter's factored and batch axes by its logical axis names.
 
   Each axis's name is looked up in :data:`STANDARD_FACTOR_RULES`, updated by
@@ -131,7 +132,8 @@ def logical_factor_dims(
       axes and of the column axes for a parameter to be factored.
 
   Returns:
-    A ``factor_dims`` callable for :func:`adafactor_jax.adafactor`,
+    A ``factor_dims`` callable ``(path, shape) -> FactorAxes`` (empty ``row``
+    and ``col`` for a full second moment) for :func:`adafactor_jax.adafactor`,
     :func:`adafactor_jax.scale_by_factored_rms`,
     :func:`adafactor_jax.clip_by_update_rms` and
     :func:`adafactor_jax.scale_by_parameter_scale`. It raises ValueError for a
@@ -153,7 +155,7 @@ def logical_factor_dims(
     path = _checks.path_name(key_path)
     names_by_param[_param_key(path)] = _axis_names(path, leaf)
 
-  def choose(path: str, shape: tuple[int, ...]) -> FactorAxes | None:
+  def choose(path: str, shape: tuple[int, ...]) -> FactorAxes:
     try:
       names = names_by_param[_param_key(path)]
     except KeyError:
@@ -162,7 +164,8 @@ def logical_factor_dims(
         "must have the structure of the params the optimizer is given."
       ) from None
     if names is None:
-      return default_factor_dims(shape, min_dim_size_to_factor)
+      pair = default_factor_dims(shape, min_dim_size_to_factor=min_dim_size_to_factor)
+      return FactorAxes((pair[0],), (pair[1],)) if pair else FactorAxes()
     if len(names) != len(shape):
       raise ValueError(
         f"Parameter '{path}' of shape {shape} has {len(names)} logical axis names "
@@ -172,7 +175,9 @@ def logical_factor_dims(
     row, col, batch = (tuple(i for i, r in enumerate(roles) if r == want) for want in ROLES[:3])
     if not (row and col):
       rest = [i for i in range(len(shape)) if i not in batch]
-      pair = default_factor_dims([shape[i] for i in rest], min_dim_size_to_factor)
+      pair = default_factor_dims(
+        [shape[i] for i in rest], min_dim_size_to_factor=min_dim_size_to_factor
+      )
       row, col = ((rest[pair[0]],), (rest[pair[1]],)) if pair else ((), ())
     elif min(math.prod(shape[i] for i in axes) for axes in (row, col)) < min_dim_size_to_factor:
       row, col = (), ()
@@ -181,7 +186,7 @@ def logical_factor_dims(
   return choose
 
 
-def state_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any) -> Any:
+def state_shardings(tx: optax.GradientTransformation, *, params: Any, param_shardings: Any) -> Any:
   """The shardings of ``tx.init(params)`` for params sharded as given.
 
   For ``in_shardings``/``out_shardings`` of ``jax.jit``, so that a sharded
@@ -200,7 +205,7 @@ def state_shardings(tx: optax.GradientTransformation, params: Any, param_shardin
     A tree of shardings with the structure of ``tx.init(params)``.
   """
 
-  def abstract(path, param, sharding):
+  def abstract(path: jax.tree_util.KeyPath, param: Any, sharding: Any) -> jax.ShapeDtypeStruct:
     if not isinstance(sharding, Sharding):
       raise ValueError(
         f"param_shardings at '{_checks.path_name(path)}' must be a jax.sharding.Sharding "

@@ -71,13 +71,18 @@ def run_accumulating_float64(
   return params64, state
 
 
+def wide(x) -> np.ndarray:
+  """x in float64, or complex128 if it is complex (a float64 cast drops the imaginary part)."""
+  return np.asarray(x, np.complex128 if np.iscomplexobj(x) else np.float64)
+
+
 def relative_error(actual: dict, expected: dict, start: dict) -> dict[str, float]:
   """Per leaf: |actual - expected| / |expected - start|, the error relative to
   the total parameter movement."""
   out = {}
   for k in expected:
-    moved = np.linalg.norm(np.asarray(expected[k], np.float64) - np.asarray(start[k], np.float64))
-    diff = np.linalg.norm(np.asarray(actual[k], np.float64) - np.asarray(expected[k], np.float64))
+    moved = np.linalg.norm(wide(expected[k]) - wide(start[k]))
+    diff = np.linalg.norm(wide(actual[k]) - wide(expected[k]))
     out[k] = diff / moved
   return out
 

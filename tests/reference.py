@@ -4,7 +4,8 @@ Written from the paper, not from the library: the factored statistics use the
 paper's row and column *sums* with the factored axes moved last, the second
 moment is formed as the full matrix V̂ = R Cᵀ / (1ᵀR), and every step is
 float64. Options follow `adafactor_jax.adafactor`'s documented order of
-operations.
+operations. Complex parameters are complex128, with |G|² in place of G² and
+|U|², |X|² in the RMS values (the convention of optax's complex support).
 """
 
 from __future__ import annotations
@@ -14,6 +15,16 @@ from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
+
+
+def _wide(x) -> np.ndarray:
+  """x in float64, or complex128 if it is complex."""
+  return np.asarray(x, np.complex128 if np.iscomplexobj(x) else np.float64)
+
+
+def _abs2(x: np.ndarray) -> np.ndarray:
+  """|x|², real; x * x for real x."""
+  return (x * np.conj(x)).real
 
 
 def two_largest_axes(shape, min_dim_size_to_factor):
@@ -69,7 +80,7 @@ class Reference:
   state: dict = field(default_factory=dict)
 
   def __post_init__(self):
-    self.params = {k: np.asarray(v, np.float64) for k, v in self.params.items()}
+    self.params = {k: _wide(v) for k, v in self.params.items()}
     o = self.options
     for name, x in self.params.items():
       if not o.factored:
@@ -80,7 +91,7 @@ class Reference:
         axes = two_largest_axes(x.shape, o.min_dim_size_to_factor)
       leaf = LeafState(axes)
       if axes is None:
-        leaf.v = np.zeros_like(x)
+        leaf.v = np.zeros(x.shape)
       else:
         moved = np.moveaxis(x, axes, (-2, -1))
         leaf.row = np.zeros(moved.shape[:-1])
@@ -105,7 +116,7 @@ class Reference:
 
   def step(self, grads: dict) -> None:
     o = self.options
-    grads = {k: np.asarray(g, np.float64) for k, g in grads.items()}
+    grads = {k: _wide(g) for k, g in grads.items()}
     if o.skip_nonfinite and not all(np.all(np.isfinite(g)) for g in grads.values()):
       self.skipped += 1
       return
@@ -115,11 +126,11 @@ class Reference:
     for name, g in grads.items():
       x, leaf = self.params[name], self.state[name]
       if leaf.axes is None:
-        leaf.v = beta2 * leaf.v + (1 - beta2) * (g * g + o.epsilon1)
+        leaf.v = beta2 * leaf.v + (1 - beta2) * (_abs2(g) + o.epsilon1)
         u = g / np.sqrt(leaf.v)
       else:
         g_moved = np.moveaxis(g, leaf.axes, (-2, -1))
-        sq = g_moved * g_moved + o.epsilon1
+        sq = _abs2(g_moved) + o.epsilon1
         # The paper's sums: R = (G²+ε1) 1_m, C = 1_nᵀ (G²+ε1); the library keeps
         # means, and R Cᵀ / (1ᵀR) is the same either way.
         leaf.row = beta2 * leaf.row + (1 - beta2) * sq.sum(-1)
@@ -127,10 +138,10 @@ class Reference:
         v_hat = leaf.row[..., :, None] * leaf.col[..., None, :] / leaf.row.sum(-1)[..., None, None]
         u = np.moveaxis(g_moved / np.sqrt(v_hat), (-2, -1), leaf.axes)
       if o.clipping_threshold is not None:
-        u = u / max(1.0, np.sqrt(np.mean(u * u)) / o.clipping_threshold)
+        u = u / max(1.0, np.sqrt(np.mean(_abs2(u))) / o.clipping_threshold)
       alpha = self._step_size(t)
       if o.multiply_by_parameter_scale:
-        alpha *= max(o.epsilon2, np.sqrt(np.mean(x * x)))
+        alpha *= max(o.epsilon2, np.sqrt(np.mean(_abs2(x))))
       u = alpha * u
       if o.momentum is not None:
         new_m = o.momentum * leaf.m + (1 - o.momentum) * u

@@ -106,7 +106,11 @@ def check(mesh_shape, axis_type, layout) -> dict:
   with jax.set_mesh(mesh):
     state = jax.jit(tx.init)(params)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
-    predicted = adafactor_jax.state_shardings(tx, abstract, shardings)
+    predicted = adafactor_jax.state_shardings(tx, params=abstract, param_shardings=shardings)
+    # Eager init on sharded ShapeDtypeStructs (issue 16, item 2).
+    abstract_init = tx.init(
+      jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), host, shardings)
+    )
     compiled = jax.jit(step).lower(params, state, jax.device_put(grads[0], shardings)).compile()
     update_hlo = (
       jax.jit(lambda s, g, p: tx.update(g, s, p)).lower(state, params, params).compile().as_text()
@@ -119,6 +123,7 @@ def check(mesh_shape, axis_type, layout) -> dict:
     **skip_nonfinite_check(tx, params, state, grads[0], shardings, mesh),
     "init": {k: spec_list(x.sharding) for k, x in named_leaves(init_state).items()},
     "predicted": {k: spec_list(s) for k, s in named_leaves(predicted).items()},
+    "abstract_init": {k: spec_list(x.sharding) for k, x in named_leaves(abstract_init).items()},
     "after_steps": {k: spec_list(x.sharding) for k, x in named_leaves(state).items()},
     "shapes": {k: list(x.shape) for k, x in named_leaves(init_state).items()},
     "state_bytes_device0": per_device_bytes(init_state),

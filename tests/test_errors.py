@@ -234,7 +234,7 @@ def test_bool_where_number_expected(name, value):
     {"learning_rate": np.float32(1e-2)},
     {"learning_rate": jnp.asarray(1e-2)},
     {"learning_rate": optax.linear_schedule(1e-3, 1e-2, 10)},
-    {"learning_rate": schedules.rsqrt_decay(1.0, 3)},
+    {"learning_rate": schedules.rsqrt_decay(1.0, warmup_steps=3)},
     {"learning_rate": None, "warmup_init": True},
     {"weight_decay": 0.0},
     {
@@ -447,7 +447,9 @@ def test_rsqrt_decay_validation(kwargs, name, fragment):
 def test_valid_schedules_accepted():
   assert math.isclose(float(adafactor_jax.relative_step_size(max_step_size=0.5)(0)), 0.5)
   assert float(adafactor_jax.decay_rate_pow(beta2_cap=1.0)(0)) == 0.0
-  assert math.isclose(float(schedules.rsqrt_decay(1.0, 1)(3)), 1 / math.sqrt(3), rel_tol=1e-6)
+  assert math.isclose(
+    float(schedules.rsqrt_decay(1.0, warmup_steps=1)(3)), 1 / math.sqrt(3), rel_tol=1e-6
+  )
 
 
 # --------------------------------------------------------------------------

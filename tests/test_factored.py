@@ -30,7 +30,7 @@ from adafactor_jax import default_factor_dims, scale_by_factored_rms
   ],
 )
 def test_default_factor_dims(shape, expected):
-  assert default_factor_dims(shape, 128) == expected
+  assert default_factor_dims(shape, min_dim_size_to_factor=128) == expected
   # The same pair of axes as optax, where optax factors.
   theirs = optax_factorized._factored_dims(shape, True, 128)
   assert (None if theirs is None else tuple(sorted(theirs))) == expected

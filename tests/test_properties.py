@@ -137,7 +137,7 @@ def _signature(state):
 def _expected_dims(shape, factored, min_dim):
   if not factored:
     return None
-  return adafactor_jax.default_factor_dims(shape, min_dim)
+  return adafactor_jax.default_factor_dims(shape, min_dim_size_to_factor=min_dim)
 
 
 def _check_run(params, grads_list, kwargs):

@@ -31,7 +31,7 @@ def test_stochastic_round_picks_a_neighbour_with_the_unbiased_probability(dtype)
   # 1 + 2^-10 lies 1/8 of the way from 1 to the next value up in bfloat16 (and
   # is exact in float16, whose spacing at 1 is 2^-10: it must stay put).
   x = jnp.full((n,), 1.0 + 2**-10, jnp.float32)
-  rounded = np.asarray(stochastic_round(x, dtype, jax.random.PRNGKey(0)), np.float64)
+  rounded = np.asarray(stochastic_round(x, dtype=dtype, key=jax.random.PRNGKey(0)), np.float64)
   below, above = _neighbours(x, dtype)
   assert np.all((rounded == below) | (rounded == above))
   fraction_up = float(np.mean(rounded == above) if above[0] != below[0] else 0.0)
@@ -47,7 +47,7 @@ def test_stochastic_round_picks_a_neighbour_with_the_unbiased_probability(dtype)
   rng = np.random.default_rng(1)
   values = rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3, n)
   x = jnp.asarray(values, jnp.float32)
-  rounded = np.asarray(stochastic_round(x, dtype, jax.random.PRNGKey(1)), np.float64)
+  rounded = np.asarray(stochastic_round(x, dtype=dtype, key=jax.random.PRNGKey(1)), np.float64)
   below, above = _neighbours(x, dtype)
   assert np.all((rounded == below) | (rounded == above))
   x64 = np.asarray(x, np.float64)
@@ -62,12 +62,14 @@ def test_stochastic_round_picks_a_neighbour_with_the_unbiased_probability(dtype)
 @pytest.mark.parametrize("dtype", LOW, ids=lambda d: d.__name__)
 def test_stochastic_round_keeps_exact_values_and_non_finite_ones(dtype):
   exact = jnp.asarray([0.0, -0.0, 1.0, -2.5, 0.25, 3.0], jnp.float32)
-  rounded = stochastic_round(exact, dtype, jax.random.PRNGKey(0))
+  rounded = stochastic_round(exact, dtype=dtype, key=jax.random.PRNGKey(0))
   assert rounded.dtype == dtype
   np.testing.assert_array_equal(np.asarray(rounded, np.float32), np.asarray(exact))
   assert np.array_equal(np.signbit(np.asarray(rounded, np.float32)), np.signbit(exact))
   special = jnp.asarray([jnp.nan, jnp.inf, -jnp.inf, 1e38, -1e38], jnp.float32)
-  rounded = np.asarray(stochastic_round(special, dtype, jax.random.PRNGKey(0)), np.float32)
+  rounded = np.asarray(
+    stochastic_round(special, dtype=dtype, key=jax.random.PRNGKey(0)), np.float32
+  )
   np.testing.assert_array_equal(rounded, np.asarray(special.astype(dtype), np.float32))
 
 

@@ -53,8 +53,9 @@ def test_standard_rules_choose_axes(names, shape, expected):
 
 def test_params_without_names_take_the_default_choice_whatever_the_rank():
   choose = logical_factor_dims({"conv": None, "stacked": None})
-  assert choose("conv", (3, 3, 128, 160)) == (2, 3)  # T5X raises here (#243)
-  assert choose("stacked", (4, 256, 384)) == (1, 2)
+  assert choose("conv", (3, 3, 128, 160)) == FactorAxes((2,), (3,))  # T5X raises here (#243)
+  assert choose("stacked", (4, 256, 384)) == FactorAxes((1,), (2,))
+  assert choose("conv", (3, 3, 16, 16)) == FactorAxes()  # too small: a full second moment
 
 
 def test_user_rules_extend_and_override_the_standard_table():
@@ -219,16 +220,18 @@ def test_state_shardings_refuses_what_is_not_a_sharding():
   tx = adafactor_jax.adafactor()
   params = {"w": jnp.zeros((256, 256))}
   with pytest.raises(ValueError, match="param_shardings at 'w' must be a jax.sharding.Sharding"):
-    adafactor_jax.state_shardings(tx, params, {"w": P("data")})
+    adafactor_jax.state_shardings(tx, params=params, param_shardings={"w": P("data")})
   with pytest.raises(ValueError, match="no param_shardings for parameter"):
-    adafactor_jax.state_shardings(tx, params, {"v": jax.devices()[0]})
+    adafactor_jax.state_shardings(tx, params=params, param_shardings={"v": jax.devices()[0]})
 
 
 def test_state_shardings_on_one_device_place_everything_there():
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   params = {"w": jax.ShapeDtypeStruct((256, 512), jnp.float32), "b": jnp.zeros(3)}
   tx = adafactor_jax.adafactor(momentum=0.9)
-  shardings = adafactor_jax.state_shardings(tx, params, {"w": device, "b": device})
+  shardings = adafactor_jax.state_shardings(
+    tx, params=params, param_shardings={"w": device, "b": device}
+  )
   assert jax.tree.structure(shardings) == jax.tree.structure(jax.eval_shape(tx.init, params))
   assert all(s.device_set == {jax.devices()[0]} for s in jax.tree.leaves(shardings))
 
@@ -317,6 +320,18 @@ def test_state_follows_the_params_shardings(on_eight_devices, case):
   assert observed["shapes"]["0/v_row/stacked"] == [4, 256, 1]
   assert observed["shapes"]["0/v_col/attention"] == [1, 4, 64]
   assert "0/v/narrow" in observed["init"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_16_2_init_on_sharded_shape_dtype_structs_places_the_state_as_jit_does(
+  on_eight_devices, case
+):
+  """Equal to jax.jit(tx.init)'s, up to mesh axes of size 1 (which XLA drops)."""
+  observed, mesh_sizes = _case(on_eight_devices, case), _mesh_sizes(case)
+  assert observed["abstract_init"].keys() == observed["init"].keys()
+  for key, spec in observed["abstract_init"].items():
+    expected = observed["init"][key]
+    assert _canonical(spec, mesh_sizes) == _canonical(expected, mesh_sizes), (key, spec, expected)
 
 
 @pytest.mark.parametrize("case", CASES)

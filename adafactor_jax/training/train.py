@@ -285,7 +285,7 @@ def create_shardings(
   params = partitioning.param_shardings(param_axes, abstract_params, mesh, rules)
   return Shardings(
     params=params,
-    opt_state=adafactor_jax.state_shardings(tx, abstract_params, params),
+    opt_state=adafactor_jax.state_shardings(tx, params=abstract_params, param_shardings=params),
     batch=NamedSharding(mesh, batch_spec),
     eval_batches=NamedSharding(mesh, PartitionSpec(None, *batch_spec)),
     replicated=NamedSharding(mesh, PartitionSpec()),
