@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adafactor_jax import _checks, schedules
+from adafactor_jax import _checks, _probe, schedules
 
 
 class FactorAxes(NamedTuple):
@@ -301,7 +301,7 @@ def scale_by_factored_rms(
   min_dim_size_to_factor: int = 128,
   factor_dims: FactorDimsFn | FactorRules | None = None,
   clipping_threshold: float | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Scales updates by a factored estimate of the gradient's RMS (Adafactor).
 
   For a parameter factored over a row axis and a column axis (Algorithm 4),
@@ -352,7 +352,8 @@ def scale_by_factored_rms(
       1.0, the default of :func:`adafactor_jax.adafactor`), or None not to.
 
   Returns:
-    An `optax.GradientTransformation`.
+    An `optax.GradientTransformationExtraArgs`. (Its only extra argument is the
+    private probe of :func:`adafactor_jax.warm_start_state`.)
 
   References:
     Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory
@@ -411,8 +412,9 @@ def scale_by_factored_rms(
       *(jax.tree.map(lambda s, i=i: s[i], per_param) for i in range(3)),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     del params
+    probe = _probe.find(extra_args)
 
     def parameter_shape(v_row, v_col, v):
       if v is not None:
@@ -431,6 +433,14 @@ def scale_by_factored_rms(
       treedef.flatten_up_to(tree) for tree in (state.v_row, state.v_col, state.v)
     )
     beta2 = beta2_schedule(state.count)
+    if probe is not None:
+      # warm_start_state: precondition with the statistics as they are, plus
+      # the epsilon1 every step adds (so that a zero statistic sends 0 to 0).
+      probe.statistics += 1
+      beta2 = jnp.ones_like(beta2)
+      v_rows, v_cols, vs = (
+        [None if x is None else x + epsilon1 for x in xs] for xs in (v_rows, v_cols, vs)
+      )
     if clip:
       msq_axes = [
         _slice_axes(user_choice, _checks.path_name(path), jnp.shape(g))
@@ -458,4 +468,4 @@ def scale_by_factored_rms(
       optax.safe_increment(state.count), v_row, v_col, v
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

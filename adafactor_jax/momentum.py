@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adafactor_jax import _checks
+from adafactor_jax import _checks, _probe
 
 # A dtype instance, not the jnp.float32 class: optax.inject_hyperparams takes
 # every callable argument for a schedule, and the class is callable.
@@ -39,7 +39,7 @@ def momentum_dtype_or_error(momentum_dtype: Any) -> jnp.dtype:
 
 def ema_momentum(
   momentum: float = 0.9, momentum_dtype: Any = FLOAT32
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""An exponential moving average of the updates, without bias correction.
 
   .. math::
@@ -58,7 +58,9 @@ def ema_momentum(
     momentum_dtype: dtype of the stored buffer; bfloat16 halves its memory.
 
   Returns:
-    An `optax.GradientTransformation` whose state is :class:`EmaMomentumState`.
+    An `optax.GradientTransformationExtraArgs` whose state is
+    :class:`EmaMomentumState`. (Its only extra argument is the private probe of
+    :func:`adafactor_jax.warm_start_state`.)
   """
   _checks.check_scalar("momentum", momentum, low=0.0, high=1.0, high_open=True)
   momentum_dtype = momentum_dtype_or_error(momentum_dtype)
@@ -68,10 +70,15 @@ def ema_momentum(
       jax.tree.map(lambda p: _checks.zeros_like_param(p, momentum_dtype), params)
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     del params
+    probe = _probe.find(extra_args)
+    decay = momentum
+    if probe is not None:  # warm_start_state asks for M = U.
+      probe.momentum += 1
+      decay = 0.0
     new = jax.tree.map(
-      lambda u, m: momentum * m.astype(jnp.float32) + (1.0 - momentum) * u.astype(jnp.float32),
+      lambda u, m: decay * m.astype(jnp.float32) + (1.0 - decay) * u.astype(jnp.float32),
       updates,
       state.momentum,
     )
@@ -81,4 +88,4 @@ def ema_momentum(
     updates = jax.tree.map(lambda m, u: m.astype(u.dtype), stored, updates)
     return updates, EmaMomentumState(stored)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
