@@ -329,7 +329,7 @@ def warm_start_state(
     the same statistics in this library's layout and float32, the momentum
     copied. Where the two coincide (float32 parameters, a float
     ``learning_rate``; see :func:`adafactor`) the updates that follow are those
-    optax would have made.
+    optax would have made, to float32 rounding.
   - this library's own state, e.g. to change ``factor_dims`` or
     ``min_dim_size_to_factor``, or to add momentum, mid-run.
 
@@ -380,8 +380,8 @@ def warm_start_state(
     source_state: the other optimizer's state for ``params``.
     b1: Adam's :math:`b_1`, for the bias correction of :math:`\mu`. None: the
       one in an ``optax.inject_hyperparams`` state, else optax's 0.9.
-    b2: Adam's :math:`b_2`, for the bias correction of :math:`\nu`. None: as
-      ``b1``, else optax's 0.999.
+    b2: Adam's :math:`b_2`, for the bias correction of :math:`\nu`. None: the
+      one in an ``optax.inject_hyperparams`` state, else optax's 0.999.
     count: the step count to give the state (an int >= 0), or None for the
       source's.
 
