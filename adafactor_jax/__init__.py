@@ -15,6 +15,7 @@ from adafactor_jax.rounding import StochasticRoundingState, stochastic_round, st
 from adafactor_jax.scaling import scale_by_parameter_scale
 from adafactor_jax.schedules import decay_rate_pow, relative_step_size
 from adafactor_jax.sharding import STANDARD_FACTOR_RULES, logical_factor_dims, state_shardings
+from adafactor_jax.warm_start import warm_start_state
 
 __version__ = "0.1.0"
 
@@ -40,4 +41,5 @@ __all__ = [
   "state_shardings",
   "stochastic_round",
   "stochastic_rounding",
+  "warm_start_state",
 ]

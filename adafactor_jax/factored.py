@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adafactor_jax import _checks, schedules
+from adafactor_jax import _checks, _probe, schedules
 
 
 class FactorAxes(NamedTuple):
@@ -351,7 +351,7 @@ def scale_by_factored_rms(
   min_dim_size_to_factor: int | None = None,
   factor_dims: FactorDimsFn | FactorRules | None = None,
   clipping_threshold: float | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Scales updates by a factored estimate of the gradient's RMS (Adafactor).
 
   For a parameter factored over a row axis and a column axis (Algorithm 4),
@@ -405,7 +405,8 @@ def scale_by_factored_rms(
       1.0, the default of :func:`adafactor_jax.adafactor`), or None not to.
 
   Returns:
-    An `optax.GradientTransformation`.
+    An `optax.GradientTransformationExtraArgs`. (Its only extra argument is the
+    private probe of :func:`adafactor_jax.warm_start_state`.)
 
   References:
     Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory
@@ -473,9 +474,13 @@ def scale_by_factored_rms(
     )
 
   def update_fn(
-    updates: optax.Updates, state: ScaleByFactoredRmsState, params: optax.Params | None = None
+    updates: optax.Updates,
+    state: ScaleByFactoredRmsState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, ScaleByFactoredRmsState]:
     del params
+    probe = _probe.find(extra_args)
 
     def parameter_shape(
       v_row: jax.Array | None, v_col: jax.Array | None, v: jax.Array | None
@@ -496,6 +501,14 @@ def scale_by_factored_rms(
       treedef.flatten_up_to(tree) for tree in (state.v_row, state.v_col, state.v)
     )
     beta2 = beta2_schedule(state.count)
+    if probe is not None:
+      # warm_start_state: precondition with the statistics as they are, plus
+      # the epsilon1 every step adds (so that a zero statistic sends 0 to 0).
+      probe.statistics += 1
+      beta2 = jnp.ones_like(beta2)
+      v_rows, v_cols, vs = (
+        [None if x is None else x + epsilon1 for x in xs] for xs in (v_rows, v_cols, vs)
+      )
     msq_axes: list[tuple[int, ...] | None] = [None] * len(grads)
     if clipping_threshold is not None:
       msq_axes = [
@@ -522,4 +535,4 @@ def scale_by_factored_rms(
       optax.safe_increment(state.count), v_row, v_col, v
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adafactor_jax import _checks
+from adafactor_jax import _checks, _probe
 from adafactor_jax.factored import widen
 
 # A dtype instance, not the jnp.float32 class: optax.inject_hyperparams takes
@@ -53,7 +53,7 @@ def _buffer_dtype(path: jax.tree_util.KeyPath, param: Any, momentum_dtype: jnp.d
 
 def ema_momentum(
   momentum: float = 0.9, *, momentum_dtype: Any = FLOAT32
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""An exponential moving average of the updates, without bias correction.
 
   .. math::
@@ -75,7 +75,9 @@ def ema_momentum(
       ValueError naming it.
 
   Returns:
-    An `optax.GradientTransformation` whose state is :class:`EmaMomentumState`.
+    An `optax.GradientTransformationExtraArgs` whose state is
+    :class:`EmaMomentumState`. (Its only extra argument is the private probe of
+    :func:`adafactor_jax.warm_start_state`.)
   """
   _checks.check_scalar("momentum", momentum, low=0.0, high=1.0, high_open=True)
   momentum_dtype = momentum_dtype_or_error(momentum_dtype)
@@ -87,11 +89,19 @@ def ema_momentum(
     return EmaMomentumState(jax.tree_util.tree_map_with_path(buffer, params))
 
   def update_fn(
-    updates: optax.Updates, state: EmaMomentumState, params: optax.Params | None = None
+    updates: optax.Updates,
+    state: EmaMomentumState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, EmaMomentumState]:
     del params
+    probe = _probe.find(extra_args)
+    decay = momentum
+    if probe is not None:  # warm_start_state asks for M = U.
+      probe.momentum += 1
+      decay = 0.0
     new = jax.tree.map(
-      lambda u, m: momentum * widen(m) + (1.0 - momentum) * widen(u), updates, state.momentum
+      lambda u, m: decay * widen(m) + (1.0 - decay) * widen(u), updates, state.momentum
     )
     # Without the barrier XLA recomputes M_t inside the parameter update too,
     # which reads the old buffer again and so needs a copy of it.
@@ -101,4 +111,4 @@ def ema_momentum(
     updates = jax.tree.map(lambda m, u: m.astype(u.dtype), stored, updates)
     return updates, EmaMomentumState(stored)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
