@@ -75,4 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   opt.b1 = 0.9  # adamw only
   opt.b2 = 0.999  # adamw only
   opt.eps = 1e-8  # adamw only
+  # Switching optimizers mid-run: the name of the optimizer whose checkpoints the workdir
+  # holds (e.g. "adamw"); the run resumes there with this optimizer, its state converted
+  # (adafactor_jax.warm_start_state) or, with warm_start False, started afresh.
+  opt.switch_from = config_dict.placeholder(str)
+  opt.warm_start = True
   return config

@@ -140,6 +140,25 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
       f"'log_every' ({config.log_every}), so a resumed run logs the same windows."
     )
   _check_mesh(config.mesh)
+  _check_switch(config.optimizer)
+
+
+OPTIMIZERS = ("adafactor", "big_vision", "t5x", "adamw")
+
+
+def _check_switch(opt: ml_collections.ConfigDict) -> None:
+  if opt.switch_from is None:
+    return
+  if opt.switch_from not in OPTIMIZERS or opt.switch_from == opt.name:
+    raise ConfigError(
+      f"config key 'optimizer.switch_from' must name the optimizer the workdir's run used, "
+      f"one of {OPTIMIZERS} other than 'optimizer.name' ({opt.name!r}), got {opt.switch_from!r}."
+    )
+  if opt.warm_start and opt.name == "adamw":
+    raise ConfigError(
+      "config key 'optimizer.warm_start' converts the state into an Adafactor of this library; "
+      "'optimizer.name' is 'adamw': pass --config.optimizer.warm_start=False for a cold start."
+    )
 
 
 def _check_mesh(mesh: ml_collections.ConfigDict) -> None:

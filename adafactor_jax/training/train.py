@@ -221,6 +221,31 @@ def _create_optimizer(
   )
 
 
+def switched_state(
+  opt: ml_collections.ConfigDict,
+  source_opt: ml_collections.ConfigDict,
+  tx: optax.GradientTransformation,
+  params: Any,
+  source_state: Any,
+) -> Any:
+  """The state ``tx`` starts from when the run switches to it from ``source_opt``'s optimizer.
+
+  Warm (``optimizer.warm_start``): the source's statistics, momentum and step
+  count, converted by ``adafactor_jax.warm_start_state`` (Adam's bias
+  corrections with the source's own b1 and b2). Cold: ``tx.init(params)``.
+  """
+  if not opt.warm_start:
+    return tx.init(params)
+  betas = {"b1": source_opt.b1, "b2": source_opt.b2} if source_opt.name == "adamw" else {}
+  try:
+    return adafactor_jax.warm_start_state(tx, params=params, source_state=source_state, **betas)
+  except ValueError as e:
+    raise ConfigError(
+      f"config key 'optimizer.warm_start': the state of {source_opt.name!r} does not convert "
+      f"into {opt.name!r}'s ({e}) Pass --config.optimizer.warm_start=False for a cold start."
+    ) from e
+
+
 def tree_bytes(tree: Any) -> int:
   """Bytes of the arrays (or abstract arrays) in a pytree."""
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
@@ -335,8 +360,14 @@ class Workdir:
   def file(self, name: str) -> str:
     return os.path.join(self.path, name)
 
-  def check(self, config: ml_collections.ConfigDict, abstract_params: Any) -> None:
-    """Refuses a workdir that is not writable or holds another run; writes nothing to keep."""
+  def check(
+    self, config: ml_collections.ConfigDict, abstract_params: Any
+  ) -> ml_collections.ConfigDict | None:
+    """Refuses a workdir that is not writable or holds another run; writes nothing to keep.
+
+    Returns the config of the run it holds when this one switches from its
+    optimizer (``optimizer.switch_from``), else None.
+    """
     try:
       os.makedirs(self.path, exist_ok=True)
       probe = self.file(f".write-test-{jax.process_index()}")
@@ -345,25 +376,47 @@ class Workdir:
       os.remove(probe)
     except OSError as e:
       raise ConfigError(f"--workdir {self.path!r} is not writable: {e.strerror}.") from e
+    source = None
     saved = self.file("config.json")
     if os.path.exists(saved):
       # A cosine schedule's length is num_steps: extending such a run would change its past.
       extra = ("num_steps",) if config.optimizer.schedule == "cosine" else ()
       current = flatten(ml_collections.ConfigDict(json.loads(config.to_json())))
       with open(saved) as f:
-        previous = flatten(ml_collections.ConfigDict(json.load(f)))
+        previous_config = ml_collections.ConfigDict(json.load(f))
+      previous = flatten(previous_config)
       changed = sorted(
         key
         for key in current.keys() | previous.keys()
         if key.split(".")[0] in RUN_DEFINING_KEYS + extra and current.get(key) != previous.get(key)
       )
-      if changed:
+      switch_from = config.optimizer.switch_from
+      switching = (
+        switch_from is not None
+        and previous.get("optimizer.name") == switch_from
+        and all(key.startswith("optimizer.") or key == "num_steps" for key in changed)
+      )
+      if changed and not switching:
+        hint = ""
+        if switch_from is not None:
+          hint = (
+            f" 'optimizer.switch_from' = {switch_from!r} continues a run of {switch_from!r} "
+            "whose other settings are these; this one used "
+            f"{previous.get('optimizer.name')!r}."
+          )
         raise ConfigError(
           f"--workdir {self.path!r} holds a run with a different config "
           f"({', '.join(changed)}); its checkpoints are left untouched. "
-          "Use a new --workdir, or the same settings to resume."
+          f"Use a new --workdir, or the same settings to resume.{hint}"
         )
+      source = previous_config if switching else None
+    elif config.optimizer.switch_from is not None:
+      raise ConfigError(
+        f"config key 'optimizer.switch_from' = {config.optimizer.switch_from!r} continues a "
+        f"run of that optimizer, but --workdir {self.path!r} holds no run."
+      )
     self._check_checkpoints(abstract_params, config.num_steps)
+    return source
 
   def _check_checkpoints(self, abstract_params: Any, num_steps: int) -> None:
     """The latest checkpoint must be of this model, and not past ``num_steps``."""
@@ -474,11 +527,9 @@ def train_and_evaluate(
     min_bytes=config.data.seq_len + 2,
   )
   work = Workdir(os.path.abspath(workdir))
-  work.check(config, abstract_params)
+  source_config = work.check(config, abstract_params)  # the run switched from, if any
   _sync("adafactor-train: workdir checked")  # before process 0 writes into it
   main_process = jax.process_index() == 0
-  if main_process:
-    work.write_config(config)
 
   # Made on the mesh, each device computing its own shards: no host copy of the model.
   params = jax.jit(lambda: nnx.state(create_model(config)), out_shardings=shardings.params)()
@@ -500,18 +551,36 @@ def train_and_evaluate(
   # between records (on a signal) keeps them, so the resumed run logs the
   # same window means as an uninterrupted one.
   pending_losses = np.full((config.log_every,), np.nan, np.float32)
-  start, window = 0, []
+  start, window, switch = 0, [], None
   if manager.latest_step() is not None:
     start = manager.latest_step()
+    source_tx, source_shardings = tx, shardings.opt_state
+    if source_config is not None:  # the checkpoint holds the state of the optimizer before
+      source_tx = create_optimizer(source_config.optimizer, source_config.num_steps, param_axes)
+      source_shardings = adafactor_jax.state_shardings(
+        source_tx, params=abstract_params, param_shardings=shardings.params
+      )
     target = {
       "params": _abstract(params, shardings.params),
-      "opt_state": _abstract(opt_state, shardings.opt_state),
+      "opt_state": _abstract(jax.eval_shape(source_tx.init, params), source_shardings),
       "pending_losses": pending_losses,
     }
     restored = manager.restore(start, args=ocp.args.StandardRestore(target))
     params, opt_state = restored["params"], restored["opt_state"]
     window = list(np.asarray(restored["pending_losses"])[: start % config.log_every])
+    if source_config is not None:
+      opt_state = switched_state(config.optimizer, source_config.optimizer, tx, params, opt_state)
+      opt_state = jax.device_put(opt_state, shardings.opt_state)
+      switch = {
+        "step": start,
+        "switched_from": source_config.optimizer.name,
+        "warm_start": config.optimizer.warm_start,
+      }
   records = work.read_metrics(start) if main_process else []
+  if switch is not None:
+    records.append(switch)
+  if main_process:  # once the checkpoint it describes has been restored (or there is none)
+    work.write_config(config)
 
   def save(step: int) -> None:
     if main_process:
@@ -605,6 +674,14 @@ def train_and_evaluate(
     "num_processes": jax.process_count(),
     "param_bytes_per_device": partitioning.per_device_bytes(params),
     "optimizer_state_bytes_per_device": partitioning.per_device_bytes(opt_state),
+    "switched_from": next(
+      (
+        {k: r[k] for k in ("step", "switched_from", "warm_start")}
+        for r in records
+        if "switched_from" in r
+      ),
+      None,
+    ),
   }
   if main_process:
     work.write_metrics(records)

@@ -210,8 +210,10 @@ def test_run_writes_metrics_plot_summary_and_config(run_a):
     "num_processes",
     "param_bytes_per_device",
     "optimizer_state_bytes_per_device",
+    "switched_from",
   }
   assert summary["optimizer"] == "adafactor"
+  assert summary["switched_from"] is None
   # One device: a mesh of one, holding everything.
   assert summary["mesh"] == {"data": 1, "model": 1}
   assert summary["num_devices"] == summary["num_processes"] == 1
@@ -260,6 +262,107 @@ def test_adafactor_state_is_under_one_percent_of_adamw_at_default_size():
   adamw_bytes = state_bytes(adamw.get_config().optimizer)
   assert adamw_bytes >= 2 * param_bytes
   assert 0 < adafactor_bytes < 0.01 * adamw_bytes
+
+
+# --------------------------------------------------------------------------- switching optimizers
+
+
+@pytest.fixture(scope="module")
+def adamw_run(tmp_path_factory) -> Path:
+  """The tiny run with AdamW to the end, a checkpoint at step 4 and 8."""
+  workdir = tmp_path_factory.mktemp("switch") / "adamw"
+  flags = tiny_flags(optimizer__warmup_steps=2)
+  assert run_main("--config", "adamw", *flags, f"--workdir={workdir}") == 0
+  return workdir
+
+
+def _switched(adamw_run: Path, workdir: Path, *flags: str) -> int:
+  """Adafactor from AdamW's step-4 checkpoint, as after a run killed past step 4."""
+  shutil.copytree(adamw_run, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "8")
+  (workdir / "summary.json").unlink()
+  return run_main(
+    *tiny_flags(), "--config.optimizer.switch_from=adamw", *flags, f"--workdir={workdir}"
+  )
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+def test_a_run_switches_from_adamw_to_adafactor_at_its_checkpoint(adamw_run, warm, tmp_path):
+  workdir = tmp_path / "switched"
+  assert _switched(adamw_run, workdir, f"--config.optimizer.warm_start={warm}") == 0
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["optimizer"] == "adafactor" and summary["resumed_from"] == 4
+  assert summary["switched_from"] == {"step": 4, "switched_from": "adamw", "warm_start": warm}
+  records = read_jsonl(workdir / "metrics.jsonl")
+  assert {"step": 4, "switched_from": "adamw", "warm_start": warm} in records
+  # AdamW's records up to the switch, Adafactor's after it.
+  adamw_records = read_jsonl(adamw_run / "metrics.jsonl")
+  assert [r for r in records if r["step"] <= 4 and "switched_from" not in r] == [
+    r for r in adamw_records if r["step"] <= 4
+  ]
+  final = restore(workdir, 8)
+  # Adafactor's state (one second moment: the tiny model is too small to factor), and the
+  # step count of the whole run when warm (4 steps of AdamW, then 4 of Adafactor), of
+  # Adafactor's steps alone when cold.
+  assert summary["optimizer_state_bytes"] < 0.6 * summary["adamw_state_bytes"]
+  counts = [
+    x for p, x in jax.tree_util.tree_leaves_with_path(final["opt_state"]) if "count" in str(p)
+  ]
+  assert counts and all(int(c) == (8 if warm else 4) for c in counts)
+  # Rerunning the same command resumes the switched run as any run.
+  assert (
+    run_main(
+      *tiny_flags(),
+      "--config.optimizer.switch_from=adamw",
+      f"--config.optimizer.warm_start={warm}",
+      f"--workdir={workdir}",
+    )
+    == 0
+  )
+
+
+def test_warm_and_cold_switches_differ_and_warm_starts_from_adams_moments(adamw_run, tmp_path):
+  warm_dir, cold_dir = tmp_path / "warm", tmp_path / "cold"
+  assert _switched(adamw_run, warm_dir) == 0
+  assert _switched(adamw_run, cold_dir, "--config.optimizer.warm_start=False") == 0
+  warm, cold = restore(warm_dir, 8)["params"], restore(cold_dir, 8)["params"]
+  assert any(
+    not np.array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(warm), jax.tree.leaves(cold), strict=True)
+  )
+
+
+@pytest.mark.parametrize(
+  ("flags", "fragments"),
+  [
+    (["--config.optimizer.switch_from=big_vision"], ["'big_vision'", "this one used 'adamw'"]),
+    (["--config.optimizer.switch_from=adafactor"], ["'optimizer.switch_from'", "'adafactor'"]),
+    (
+      ["--config", "adamw", "--config.optimizer.switch_from=t5x"],
+      ["'optimizer.warm_start'", "warm_start=False"],
+    ),
+  ],
+  ids=["not_that_optimizers_run", "switch_from_itself", "warm_into_adamw"],
+)
+def test_a_switch_that_does_not_fit_the_workdir_is_refused_untouched(
+  adamw_run, flags, fragments, tmp_path, capsys
+):
+  workdir = tmp_path / "a_copy"
+  shutil.copytree(adamw_run, workdir)
+  before = file_hashes(workdir)
+  config_file = flags[:2] if flags[0] == "--config" else []
+  overrides = flags[2:] if config_file else flags
+  rc = run_main(*config_file, *tiny_flags(), *overrides, f"--workdir={workdir}")
+  _assert_refused(capsys, rc, fragments)
+  assert file_hashes(workdir) == before
+
+
+def test_a_switch_without_a_run_to_switch_from_is_refused(tmp_path, capsys):
+  rc = run_main(
+    *tiny_flags(), "--config.optimizer.switch_from=adamw", f"--workdir={tmp_path / 'new'}"
+  )
+  _assert_refused(capsys, rc, ["'optimizer.switch_from' = 'adamw'", "holds no run"])
+  assert list((tmp_path / "new").iterdir()) == []
 
 
 # --------------------------------------------------------------------------- refusals
