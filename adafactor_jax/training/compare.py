@@ -11,6 +11,9 @@ Suites:
 * ``default``: Adafactor at the paper's defaults, AdamW at three learning rates
   (the best is "tuned AdamW"), and the Big Vision variant, on the default job.
 * ``paper``: the ablation rows of ``configs/paper.py`` (shorter runs).
+* ``switch``: AdamW for the whole job, and from its halfway checkpoint Adafactor at the
+  paper's defaults, started cold and warm (``--config.optimizer.switch_from``): the jump in
+  train loss after the switch, against AdamW going on.
 
 ``--config.<key>=<value>`` sets a key of every run's config, as for
 ``adafactor-train``. Each run has its own workdir under ``--workdir``;
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -36,6 +40,9 @@ from adafactor_jax.training.configs import adamw, big_vision, default, paper
 
 ADAMW_LEARNING_RATES = (1e-3, 3e-3, 1e-2)
 PAPER_STEPS = 300
+SWITCH_WINDOW = 50
+"""Steps before and after the switch over which the switch suite measures the loss's jump."""
+SUITES = ("default", "paper", "switch")
 
 
 def suite_configs(suite: str) -> dict[str, Any]:
@@ -55,7 +62,18 @@ def suite_configs(suite: str) -> dict[str, Any]:
       config.eval_every = 100
       config.checkpoint_every = PAPER_STEPS
     return runs
-  raise ValueError(f"--suite must be 'default' or 'paper', got {suite!r}.")
+  if suite == "switch":
+    # AdamW for the whole run, then Adafactor from its halfway checkpoint, cold and warm; every
+    # step logged, and every checkpoint kept (the halfway one is where the switches start).
+    runs = {"adamw": adamw.get_config()}
+    for name, warm in (("adafactor_cold", False), ("adafactor_warm", True)):
+      config = runs[name] = default.get_config()
+      config.optimizer.switch_from, config.optimizer.warm_start = "adamw", warm
+    for config in runs.values():
+      config.log_every, config.keep_checkpoints = 1, 4
+      config.checkpoint_every = config.num_steps // 4
+    return runs
+  raise ValueError(f"--suite must be one of {SUITES}, got {suite!r}.")
 
 
 def run_suite(
@@ -79,19 +97,52 @@ def run_suite(
     for key, value in (overrides or {}).items():
       set_config_value(config, key, value)
     if num_steps is not None:  # short runs, for smoke tests: warmups shrink to fit
-      config.num_steps = config.checkpoint_every = num_steps
-      config.log_every = math.gcd(num_steps, config.log_every)
+      config.num_steps = num_steps
+      config.checkpoint_every = max(1, num_steps // 4) if suite == "switch" else num_steps
+      config.log_every = math.gcd(config.checkpoint_every, config.log_every)
       config.eval_every = min(config.eval_every, num_steps)
       config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, num_steps // 5)
     if progress:
       print(f"\n=== {suite}/{name}", flush=True)
     run_dir = os.path.join(workdir, suite, name)
+    if config.optimizer.switch_from is not None and not os.path.exists(run_dir):
+      _halfway_copy(os.path.join(workdir, suite, config.optimizer.switch_from), run_dir)
     summary = train.train_and_evaluate(config, run_dir, progress=progress)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
       curve = [json.loads(line) for line in f]
     eval_curve = [(r["step"], r["eval_loss"]) for r in curve if "eval_loss" in r]
-    results.append({"name": name, **summary, "eval_curve": eval_curve})
+    train_curve = [(r["step"], r["train_loss"]) for r in curve if "train_loss" in r]
+    results.append({"name": name, **summary, "eval_curve": eval_curve, "train_curve": train_curve})
   return results
+
+
+def _halfway_copy(source: str, destination: str) -> None:
+  """A copy of a finished run's workdir as a run stopped at its halfway checkpoint leaves it."""
+  steps = sorted(
+    int(name) for name in os.listdir(os.path.join(source, "checkpoints")) if name.isdigit()
+  )
+  halfway = steps[len(steps) // 2 - 1]
+  shutil.copytree(source, destination)
+  for step in steps:
+    if step > halfway:
+      shutil.rmtree(os.path.join(destination, "checkpoints", str(step)))
+  os.remove(os.path.join(destination, "summary.json"))
+
+
+def switch_jump(result: dict[str, Any], switch_step: int) -> tuple[float, float]:
+  """(mean train loss over the SWITCH_WINDOW steps up to the switch, the largest rise above
+  it in the SWITCH_WINDOW steps after), from a run's per-step train losses (a short run: as
+  many steps as there are)."""
+  losses = dict(result["train_curve"])
+  window = min(SWITCH_WINDOW, switch_step, max(losses) - switch_step)
+  before = [losses[t] for t in range(switch_step - window + 1, switch_step + 1)]
+  after = [losses[t] for t in range(switch_step + 1, switch_step + window + 1)]
+  level = sum(before) / len(before)
+  return level, max(after) - level
+
+
+def switch_step(results: list[dict[str, Any]]) -> int:
+  return next(r["switched_from"]["step"] for r in results if r.get("switched_from"))
 
 
 def best_adamw(results: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -119,6 +170,45 @@ def table(results: list[dict[str, Any]]) -> str:
       f"| {100 * r['optimizer_state_bytes'] / r['adamw_state_bytes']:.2f}% |"
     )
   return "\n".join(rows)
+
+
+def switch_table(results: list[dict[str, Any]]) -> str:
+  """The switch suite's table: the loss's jump after the switch, against AdamW going on."""
+  step = switch_step(results)
+  rows = [
+    f"| run | train loss, {SWITCH_WINDOW} steps to step {step} | largest jump in the "
+    f"{SWITCH_WINDOW} steps after | final train loss | final eval loss | optimizer state (bytes) |",
+    "|---|---:|---:|---:|---:|---:|",
+  ]
+  for r in results:
+    level, jump = switch_jump(r, step)
+    rows.append(
+      f"| {r['name']} | {level:.4f} | {jump:+.4f} | {r['final_train_loss']:.4f} "
+      f"| {r['final_eval_loss']:.4f} | {r['optimizer_state_bytes']:,} |"
+    )
+  return "\n".join(rows)
+
+
+def switch_chart(results: list[dict[str, Any]], path: str, title: str) -> None:
+  """Train loss around the switch: every step faint, a running mean of 10 steps bold."""
+  step = switch_step(results)
+  fig = Figure(figsize=(10, 4.5))
+  ax = fig.subplots()
+  for r, color in zip(results, ("tab:gray", "tab:red", "tab:blue"), strict=False):
+    points = [(t, loss) for t, loss in r["train_curve"] if step - 100 < t <= step + 200]
+    steps, losses = zip(*points, strict=True)
+    ax.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8)
+    smooth = [
+      sum(losses[max(0, i - 9) : i + 1]) / len(losses[max(0, i - 9) : i + 1])
+      for i in range(len(losses))
+    ]
+    ax.plot(steps, smooth, color=color, linewidth=1.8, label=r["name"])
+  ax.axvline(step, color="black", linestyle=":", linewidth=1, label=f"switch at step {step}")
+  ax.set(xlabel="step", ylabel="train loss (nats/byte)", title=title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
 
 
 def chart(results: list[dict[str, Any]], path: str, title: str) -> None:
@@ -153,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   flag_values = flags.FlagValues()
   flags.DEFINE_enum(
-    "suite", "default", ["default", "paper"], "Which comparison to run.", flag_values=flag_values
+    "suite", "default", list(SUITES), "Which comparison to run.", flag_values=flag_values
   )
   flags.DEFINE_string(
     "workdir", "runs/compare", "Each run goes to <workdir>/<suite>/<run>.", flag_values=flag_values
@@ -178,10 +268,11 @@ def main(argv: list[str] | None = None) -> int:
   base = os.path.join(workdir, suite)
   with open(base + ".json", "w") as f:
     json.dump(results, f, indent=2)
-  text = table(results)
+  title = f"suite {suite!r}: {results[0]['steps']} steps"
+  text = switch_table(results) if suite == "switch" else table(results)
   with open(base + ".md", "w") as f:
     f.write(text + "\n")
-  chart(results, base + ".png", f"suite {suite!r}: {results[0]['steps']} steps")
+  (switch_chart if suite == "switch" else chart)(results, base + ".png", title)
   print("\n" + text)
   print(f"\nwrote {base}.json, {base}.md and {base}.png")
   return 0

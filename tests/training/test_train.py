@@ -877,6 +877,31 @@ def _result(name, optimizer, eval_loss, state_bytes, adamw_bytes=10_000):
   }
 
 
+def test_the_switch_suite_runs_adamw_then_adafactor_cold_and_warm(tmp_path):
+  """The real runs, tiny: AdamW for 8 steps, and Adafactor from its step-4 checkpoint."""
+  overrides = {k: v for k, v in TINY.items() if k.startswith(("model.", "data.", "eval_"))}
+  results = compare.run_suite(
+    "switch", str(tmp_path), num_steps=8, progress=False, overrides=overrides
+  )
+  assert [r["name"] for r in results] == ["adamw", "adafactor_cold", "adafactor_warm"]
+  assert results[0]["switched_from"] is None
+  for r, warm in zip(results[1:], (False, True), strict=True):
+    assert r["switched_from"] == {"step": 4, "switched_from": "adamw", "warm_start": warm}
+    assert r["resumed_from"] == 4 and r["optimizer"] == "adafactor"
+  # Every step logged; the three share steps 1-4 (AdamW's), and part after.
+  curves = [dict(r["train_curve"]) for r in results]
+  assert all(sorted(c) == list(range(1, 9)) for c in curves)
+  assert curves[0][4] == curves[1][4] == curves[2][4]
+  assert curves[1][8] != curves[0][8] != curves[2][8]
+  level, jump = compare.switch_jump(results[1], 4)
+  assert level == pytest.approx(np.mean([curves[1][t] for t in range(1, 5)]))
+  assert jump == pytest.approx(max(curves[1][t] for t in range(5, 9)) - level)
+  lines = compare.switch_table(results).splitlines()
+  assert len(lines) == 5 and "step 4" in lines[0]
+  compare.switch_chart(results, str(tmp_path / "switch.png"), "switch")
+  assert (tmp_path / "switch.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_table_compares_with_the_best_finite_adamw():
   results = [
     _result("adafactor", "adafactor", 2.0, 50),
