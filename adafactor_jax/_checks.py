@@ -83,15 +83,25 @@ def path_name(path: jax.tree_util.KeyPath) -> str:
 
 
 def check_tree_matches(
-  updates: Any, reference: Any, *, what: str = "gradient", shapes: bool = True
+  updates: Any,
+  reference: Any,
+  *,
+  what: str = "gradient",
+  shapes: bool = True,
+  reference_is_state: bool = False,
 ) -> None:
   """Raises ValueError naming the parameter path where the trees differ.
 
   `reference` holds the parameters, or anything with their shapes (arrays,
   ShapeDtypeStructs). Called at trace time: it costs nothing in the compiled
   step. With ``shapes=False`` only the structures are compared (a tree of
-  shardings against the params).
+  shardings against the params). With ``reference_is_state``, the shapes are
+  those the optimizer state was made for, and the message says so: a state
+  that ``tx.init`` made for other parameters is not the gradient's fault.
   """
+  against = (
+    "the parameters the optimizer state was made for" if reference_is_state else ("the parameters")
+  )
   update_leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
   reference_leaves = jax.tree_util.tree_flatten_with_path(reference)[0]
   update_paths = {path_name(p): leaf for p, leaf in update_leaves}
@@ -104,16 +114,22 @@ def check_tree_matches(
       parts.append(f"no {what} for parameter(s) {', '.join(map(repr, missing))}")
     if extra:
       parts.append(f"{what} for unknown parameter(s) {', '.join(map(repr, extra))}")
-    raise ValueError(f"The {what} tree does not match the parameters: {'; '.join(parts)}.")
+    raise ValueError(f"The {what} tree does not match {against}: {'; '.join(parts)}.")
   structure: Any = jax.tree.structure(updates)  # Any: jaxlib has no type stub for PyTreeDef
   if structure != jax.tree.structure(reference):
     raise ValueError(
-      f"The {what} tree has the parameters' paths but not their structure "
+      f"The {what} tree has the paths of {against} but not their structure "
       f"(container types differ): {structure} vs {jax.tree.structure(reference)}."
     )
   for path, leaf in update_paths.items() if shapes else ():
     expected = tuple(np.shape(reference_paths[path]))
     if tuple(np.shape(leaf)) != expected:
+      if reference_is_state:
+        raise ValueError(
+          f"The {what} for parameter '{path}' has shape {tuple(np.shape(leaf))}, but the "
+          f"optimizer state was made (by tx.init) for a parameter of shape {expected}: "
+          "initialise the state with the parameters you train."
+        )
       raise ValueError(
         f"The {what} for parameter '{path}' has shape {tuple(np.shape(leaf))}, "
         f"but the parameter has shape {expected}."

@@ -28,7 +28,7 @@ def adafactor_chain(
   warmup_init: bool,
   momentum: float | None,
   momentum_dtype: Any,
-  weight_decay: optax.ScalarOrSchedule | None,
+  weight_decay_rate: optax.ScalarOrSchedule | None,
   weight_decay_mask: Any,
   factored: bool,
   min_dim_size_to_factor: int | None,
@@ -69,15 +69,16 @@ def adafactor_chain(
   # Checked even without momentum; momentum itself is checked by ema_momentum.
   momentum_dtype = momentum_dtype_or_error(momentum_dtype)
   _checks.check_scalar(
-    "weight_decay",
-    weight_decay,
+    "weight_decay_rate",
+    weight_decay_rate,
     low=0.0,
     allow_none=True,
     allow_schedule=True,
   )
-  if weight_decay is None and weight_decay_mask is not None:
+  if weight_decay_rate is None and weight_decay_mask is not None:
     raise ValueError(
-      "weight_decay_mask is set but weight_decay is None: pass weight_decay too, or drop the mask."
+      "weight_decay_mask is set but weight_decay_rate is None: pass weight_decay_rate too, "
+      "or drop the mask."
     )
   _checks.check_bool("skip_nonfinite", skip_nonfinite)
   _checks.check_scalar("epsilon2", epsilon2, low=0.0)
@@ -98,7 +99,9 @@ def adafactor_chain(
     )
   ]
   weight_decay_step = (
-    None if weight_decay is None else optax.add_decayed_weights(weight_decay, weight_decay_mask)
+    None
+    if weight_decay_rate is None
+    else optax.add_decayed_weights(weight_decay_rate, weight_decay_mask)
   )
   if weight_decay_step is not None and weight_decay_scaled_by_step:
     chain.append(weight_decay_step)
@@ -131,7 +134,7 @@ def adafactor(
   warmup_init: bool = False,
   momentum: float | None = None,
   momentum_dtype: Any = FLOAT32,
-  weight_decay: optax.ScalarOrSchedule | None = None,
+  weight_decay_rate: optax.ScalarOrSchedule | None = None,
   weight_decay_mask: Any = None,
   factored: bool = True,
   min_dim_size_to_factor: int | None = None,
@@ -163,8 +166,10 @@ def adafactor(
      with float32 arithmetic; :math:`U \leftarrow M` as stored
      (:func:`adafactor_jax.ema_momentum`);
   6. decoupled weight decay, if set: :math:`U + \lambda X` for the parameters
-     ``weight_decay_mask`` selects; :math:`\lambda` is *not* multiplied by the
-     step size (as optax and T5X: :math:`X (1 - \lambda)`);
+     ``weight_decay_mask`` selects; :math:`\lambda` is a *rate*, not multiplied
+     by the step size (as ``optax.adafactor``'s and T5X's ``weight_decay_rate``:
+     :math:`X (1 - \lambda)`; for AdamW's convention, :math:`X(1 - \eta_t
+     \lambda)`, pass a schedule such as ``lambda t: wd * lr(t)``);
   7. negated, so that ``optax.apply_updates`` descends:
      :math:`X_t = X_{t-1} - \alpha_t \hat U_t`;
   8. if ``stochastic_rounding``, adjusted so that bfloat16 and float16
@@ -197,7 +202,8 @@ def adafactor(
     momentum: :math:`\beta_1 \in [0, 1)`, or None for no first moment (and no
       memory for it).
     momentum_dtype: dtype of the momentum buffer (float32; bfloat16 halves it).
-    weight_decay: decoupled weight decay rate >= 0 (float or schedule), or None.
+    weight_decay_rate: decoupled weight decay rate >= 0 (float or schedule), or
+      None; not multiplied by the step size (step 6).
     weight_decay_mask: a tree of bools (or a callable of the params giving
       one) selecting the parameters to decay, as ``optax.add_decayed_weights``.
     factored: factor the second moment of parameters of rank >= 2.
@@ -241,7 +247,7 @@ def adafactor(
     warmup_init=warmup_init,
     momentum=momentum,
     momentum_dtype=momentum_dtype,
-    weight_decay=weight_decay,
+    weight_decay_rate=weight_decay_rate,
     weight_decay_mask=weight_decay_mask,
     factored=factored,
     min_dim_size_to_factor=min_dim_size_to_factor,

@@ -479,7 +479,6 @@ def scale_by_factored_rms(
     params: optax.Params | None = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, ScaleByFactoredRmsState]:
-    del params
     probe = _probe.find(extra_args)
 
     def parameter_shape(
@@ -494,7 +493,9 @@ def scale_by_factored_rms(
     parameter_shapes = jax.tree.map(
       parameter_shape, state.v_row, state.v_col, state.v, is_leaf=lambda x: x is None
     )
-    _checks.check_tree_matches(updates, parameter_shapes)
+    if params is not None:  # the gradient against the parameters first, then the state
+      _checks.check_tree_matches(updates, params)
+    _checks.check_tree_matches(updates, parameter_shapes, reference_is_state=True)
     treedef: Any = jax.tree.structure(updates)  # jaxlib has no type stub for PyTreeDef
     grads = treedef.flatten_up_to(updates)
     v_rows, v_cols, vs = (

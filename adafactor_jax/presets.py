@@ -46,7 +46,7 @@ def paper(**overrides: Any) -> optax.GradientTransformationExtraArgs:
 def t5x(
   learning_rate: optax.ScalarOrSchedule | None = None,
   *,
-  weight_decay: float | None = None,
+  weight_decay_rate: float | None = None,
   factor_dims: Any = None,
   momentum: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -56,7 +56,7 @@ def t5x(
   (1/sqrt(max(step, 10,000)), T5's 'constant * rsqrt_decay'); for T5
   fine-tuning pass a constant such as 1e-3. Parameter scale on
   (:math:`\\epsilon_2 = 10^{-3}`), decay 0.8, clipping 1.0, min dim 128,
-  float32 statistics, momentum off, weight decay :math:`X(1 - \\lambda)`.
+  float32 statistics, momentum off, ``weight_decay_rate`` (T5X's name) :math:`X(1 - \\lambda)`.
 
   For T5X's logical axis rules pass
   ``factor_dims=adafactor_jax.logical_factor_dims(param_axes)``: batch axes
@@ -77,7 +77,7 @@ def t5x(
     warmup_init=False,
     momentum=momentum,
     momentum_dtype=jnp.float32,
-    weight_decay=weight_decay,
+    weight_decay_rate=weight_decay_rate,
     weight_decay_mask=None,
     factored=True,
     min_dim_size_to_factor=128,
@@ -188,7 +188,7 @@ def hf_transformers(
     warmup_init=warmup_init,
     momentum=beta1,
     momentum_dtype=jnp.float32,
-    weight_decay=weight_decay or None,
+    weight_decay_rate=weight_decay or None,
     weight_decay_mask=None,
     factored=True,
     min_dim_size_to_factor=1,
@@ -247,7 +247,7 @@ def torch_adafactor(
     warmup_init=False,
     momentum=None,
     momentum_dtype=jnp.float32,
-    weight_decay=lr * weight_decay if weight_decay else None,
+    weight_decay_rate=lr * weight_decay if weight_decay else None,
     weight_decay_mask=None,
     factored=True,
     min_dim_size_to_factor=1,

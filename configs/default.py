@@ -66,6 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   opt.warmup_init = False
   opt.momentum = config_dict.placeholder(float)
   opt.momentum_dtype = "float32"
+  # Decoupled weight decay, for every optimizer as optax.adamw's: X <- X - lr_t * wd * X, with
+  # lr_t the learning rate schedule (Adafactor's relative step size rho_t without one).
   opt.weight_decay = config_dict.placeholder(float)
   opt.factored = True
   opt.min_dim_size_to_factor = 128

@@ -51,7 +51,7 @@ class Options:
   warmup_init: bool = False
   momentum: float | None = None
   momentum_dtype: str = "float32"
-  weight_decay: float | Callable[[int], float] | None = None
+  weight_decay_rate: float | Callable[[int], float] | None = None
   weight_decay_mask: dict | None = None
   factored: bool = True
   min_dim_size_to_factor: int = 128
@@ -150,7 +150,7 @@ class Reference:
           # parameters move by the momentum as stored.
           new_m = new_m.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
         leaf.m = u = new_m
-      if o.weight_decay is not None and (o.weight_decay_mask or {}).get(name, True):
-        wd = o.weight_decay(t - 1) if callable(o.weight_decay) else o.weight_decay
+      if o.weight_decay_rate is not None and (o.weight_decay_mask or {}).get(name, True):
+        wd = o.weight_decay_rate(t - 1) if callable(o.weight_decay_rate) else o.weight_decay_rate
         u = u + wd * x
       self.params[name] = x - u

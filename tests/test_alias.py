@@ -49,9 +49,9 @@ CASES = {
   "warmup_init": {"warmup_init": True},
   "momentum": {"momentum": 0.9},
   "momentum bf16": {"momentum": 0.9, "momentum_dtype": jnp.bfloat16},
-  "weight decay": {"weight_decay": 1e-2},
+  "weight decay": {"weight_decay_rate": 1e-2},
   "masked weight decay schedule": {
-    "weight_decay": optax.linear_schedule(1e-2, 0.0, STEPS),
+    "weight_decay_rate": optax.linear_schedule(1e-2, 0.0, STEPS),
     "weight_decay_mask": WD_MASK,
   },
   "not factored": {"factored": False},
@@ -115,12 +115,12 @@ OPTAX_CASES = {
   "no clipping": {"clipping_threshold": None},
   "no parameter scale": {"multiply_by_parameter_scale": False},
   "momentum": {"momentum": 0.9},
-  "weight decay": {"weight_decay": 1e-3},
+  "weight decay": {"weight_decay_rate": 1e-3},
   "not factored": {"factored": False},
   "min dim 16": {"min_dim_size_to_factor": 16},
   "decay_rate 0.6": {"decay_rate": 0.6},
 }
-_OPTAX_NAMES = {"momentum_dtype": "dtype_momentum", "weight_decay": "weight_decay_rate"}
+_OPTAX_NAMES = {"momentum_dtype": "dtype_momentum"}
 
 
 @pytest.mark.parametrize("name", list(OPTAX_CASES))
@@ -138,7 +138,7 @@ def test_matches_optax_adafactor_with_a_float_learning_rate(name):
 def test_jit_and_no_jit_agree():
   params = make_params()
   grads = _grads_list(params, False)[:4]
-  tx = adafactor_jax.adafactor(momentum=0.9, weight_decay=1e-3)
+  tx = adafactor_jax.adafactor(momentum=0.9, weight_decay_rate=1e-3)
   jitted, jitted_state = run_accumulating_float64(tx, params, grads, jit=True)
   eager, eager_state = run_accumulating_float64(tx, params, grads, jit=False)
   errors = relative_error(jitted, eager, params)
@@ -162,7 +162,7 @@ def test_signature_is_exactly_the_documented_one():
     "warmup_init": False,
     "momentum": None,
     "momentum_dtype": jnp.float32,
-    "weight_decay": None,
+    "weight_decay_rate": None,
     "weight_decay_mask": None,
     "factored": True,
     "min_dim_size_to_factor": None,  # 128; None stays static under optax.inject_hyperparams

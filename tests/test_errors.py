@@ -80,8 +80,8 @@ def test_infinite_value_message_does_not_claim_inf_is_valid():
     ("epsilon2", INF, "must be in [0, inf"),
     ("momentum", NAN, "must be in [0, 1)"),
     ("beta2_cap", NAN, "must be in (0, 1]"),
-    ("weight_decay", NAN, "must be in [0, inf"),
-    ("weight_decay", INF, "must be in [0, inf"),
+    ("weight_decay_rate", NAN, "must be in [0, inf"),
+    ("weight_decay_rate", INF, "must be in [0, inf"),
   ],
 )
 def test_non_finite_values(name, value, fragment):
@@ -161,13 +161,13 @@ def test_warmup_init_with_learning_rate(lr):
 
 @pytest.mark.parametrize("value", [-1e-4, -1])
 def test_negative_weight_decay(value):
-  with _raises("weight_decay", "must be in [0, inf"):
-    adafactor_jax.adafactor(weight_decay=value)
+  with _raises("weight_decay_rate", "must be in [0, inf"):
+    adafactor_jax.adafactor(weight_decay_rate=value)
 
 
 @pytest.mark.parametrize("mask", [{"a": True}, lambda p: jax.tree.map(lambda _: True, p)])
 def test_weight_decay_mask_without_weight_decay(mask):
-  with _raises("weight_decay_mask", "weight_decay is None"):
+  with _raises("weight_decay_mask", "weight_decay_rate is None"):
     adafactor_jax.adafactor(weight_decay_mask=mask)
 
 
@@ -205,7 +205,7 @@ def test_momentum_dtype_not_float(dtype):
     "epsilon2",
     "momentum",
     "beta2_cap",
-    "weight_decay",
+    "weight_decay_rate",
     "min_dim_size_to_factor",
   ],
 )
@@ -236,12 +236,12 @@ def test_bool_where_number_expected(name, value):
     {"learning_rate": optax.linear_schedule(1e-3, 1e-2, 10)},
     {"learning_rate": schedules.rsqrt_decay(1.0, warmup_steps=3)},
     {"learning_rate": None, "warmup_init": True},
-    {"weight_decay": 0.0},
+    {"weight_decay_rate": 0.0},
     {
-      "weight_decay": 1e-2,
+      "weight_decay_rate": 1e-2,
       "weight_decay_mask": {"dense": {"kernel": True, "bias": False}, "scale": False},
     },
-    {"weight_decay": optax.constant_schedule(1e-3)},
+    {"weight_decay_rate": optax.constant_schedule(1e-3)},
     {"epsilon1": 1e-45},
     {"factored": False},
     {"multiply_by_parameter_scale": False},
@@ -638,3 +638,15 @@ def test_valid_presets_build_and_step():
   ):
     updates, _ = tx.update(_grads_like(tree), tx.init(tree), tree)
     assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+def test_a_state_made_for_other_params_is_named_not_the_gradient():
+  """tx.init ran on (300, 130) params, the step gets (256, 130) params and gradients: the
+  message names the state and what it was made for, not a wrong gradient."""
+  tx = adafactor_jax.adafactor()
+  state = tx.init({"w": jnp.zeros((300, 130))})
+  params = {"w": jnp.ones((256, 130))}
+  with _raises("'w' has shape (256, 130)", "state was made (by tx.init)", "(300, 130)"):
+    tx.update(params, state, params)
+  with _raises("'w' has shape (130, 256)", "the parameter has shape (256, 130)"):
+    tx.update({"w": jnp.ones((130, 256))}, tx.init(params), params)

@@ -525,7 +525,7 @@ def _nonfinite_grads(seed, poison=None):
 
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
 def test_skip_nonfinite_is_bit_exact(jit):
-  kwargs = {"momentum": 0.9, "weight_decay": 1e-3}
+  kwargs = {"momentum": 0.9, "weight_decay_rate": 1e-3}
   tx = adafactor_jax.adafactor(skip_nonfinite=True, **kwargs)
   plain = adafactor_jax.adafactor(**kwargs)
 

@@ -139,6 +139,10 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
       f"config key 'checkpoint_every' ({config.checkpoint_every}) must be a multiple of "
       f"'log_every' ({config.log_every}), so a resumed run logs the same windows."
     )
+  if config.optimizer.weight_decay is not None and not config.optimizer.weight_decay >= 0:
+    raise ConfigError(
+      f"config key 'optimizer.weight_decay' must be >= 0, got {config.optimizer.weight_decay!r}."
+    )
   _check_mesh(config.mesh)
   _check_switch(config.optimizer)
 

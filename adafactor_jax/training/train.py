@@ -186,7 +186,9 @@ def _create_optimizer(
       warmup_init=opt.warmup_init,
       momentum=opt.momentum,
       momentum_dtype=dtype("optimizer.momentum_dtype", opt.momentum_dtype),
-      weight_decay=opt.weight_decay,
+      weight_decay_rate=_adamw_style_decay(
+        opt, lr or adafactor_jax.relative_step_size(opt.warmup_init)
+      ),
       factored=opt.factored,
       min_dim_size_to_factor=opt.min_dim_size_to_factor,
       factor_dims=factor_dims if opt.factored else None,
@@ -205,9 +207,10 @@ def _create_optimizer(
       factor_dims=factor_dims,
     )
   if opt.name == "t5x":
+    lr = lr or adafactor_jax.schedules.rsqrt_decay()  # the preset's own default
     return adafactor_jax.presets.t5x(
       learning_rate=lr,
-      weight_decay=opt.weight_decay,
+      weight_decay_rate=_adamw_style_decay(opt, lr),
       momentum=opt.momentum,
       factor_dims=factor_dims,
     )
@@ -244,6 +247,22 @@ def switched_state(
       f"config key 'optimizer.warm_start': the state of {source_opt.name!r} does not convert "
       f"into {opt.name!r}'s ({e}) Pass --config.optimizer.warm_start=False for a cold start."
     ) from e
+
+
+def _adamw_style_decay(
+  opt: ml_collections.ConfigDict, step_size: optax.Schedule
+) -> optax.Schedule | None:
+  """``optimizer.weight_decay`` as Adafactor's rate: :math:`\\lambda \\eta_t`.
+
+  The config's weight decay means what ``optax.adamw``'s does for every
+  optimizer, :math:`X \\leftarrow X - \\eta_t \\lambda X` with :math:`\\eta_t` the
+  learning rate (Adafactor's relative step :math:`\\rho_t` without one), where
+  the library's ``weight_decay_rate`` is not multiplied by anything.
+  """
+  if opt.weight_decay is None:
+    return None
+  decay = opt.weight_decay
+  return lambda count: decay * step_size(count)
 
 
 def tree_bytes(tree: Any) -> int:

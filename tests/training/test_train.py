@@ -688,12 +688,20 @@ def test_resolve_config_fills_defaults_and_coerces_types():
   ("user", "fragments"),
   [
     ({"num_steps": True}, ["'num_steps'", "int", "bool"]),
+    ({"optimizer": {"weight_decay": -0.1}}, ["'optimizer.weight_decay'", ">= 0"]),
     ({"model": {"d_model": "wide"}}, ["'model.d_model'", "int", "'wide'"]),
     ({"optimizer": {"decay_rte": 0.8}}, ["'optimizer.decay_rte'", "'optimizer.decay_rate'"]),
     ({"data": {"eval_fraction": 0.0}}, ["'data.eval_fraction'"]),
     ({"model": {"param_dtype": "float33"}}, ["'model.param_dtype'", "'float33'"]),
   ],
-  ids=["bool_for_int", "str_for_int", "typo_key", "eval_fraction_0", "bad_dtype"],
+  ids=[
+    "bool_for_int",
+    "negative_weight_decay",
+    "str_for_int",
+    "typo_key",
+    "eval_fraction_0",
+    "bad_dtype",
+  ],
 )
 def test_resolve_config_refuses_naming_the_key(user, fragments):
   with pytest.raises(config_lib.ConfigError) as error:
@@ -740,6 +748,37 @@ def test_every_shipped_config_resolves_and_builds_its_optimizer():
     names.add(resolved.optimizer.name)
   assert names == {"adafactor", "adamw", "big_vision", "t5x"}
   assert paper.get_config("no_clipping").optimizer.clipping_threshold is None
+
+
+@pytest.mark.parametrize(
+  ("name", "learning_rate", "step_size"),
+  [
+    ("adafactor", None, 1e-2),  # the relative step rho_1 = min(1e-2, 1)
+    ("adafactor", 3e-3, 3e-3),
+    ("t5x", 3e-3, 3e-3),
+    ("big_vision", 3e-3, 3e-3),
+    ("adamw", 3e-3, 3e-3),
+  ],
+)
+def test_weight_decay_means_adamws_for_every_optimizer(name, learning_rate, step_size):
+  """optimizer.weight_decay = 0.1: with a zero gradient every optimizer's first step is
+  X <- X (1 - lr * 0.1), as optax.adamw's (the library's weight_decay_rate would be 1 - 0.1)."""
+  config = config_lib.resolve_config(default.get_config())
+  momentum = 0.9 if name == "big_vision" else None  # big_vision's momentum is not optional
+  changes = {
+    "name": name,
+    "learning_rate": learning_rate,
+    "weight_decay": 0.1,
+    "momentum": momentum,
+  }
+  for key, value in changes.items():
+    config_lib.set_config_value(config, f"optimizer.{key}", value)
+  tx = train.create_optimizer(config.optimizer, config.num_steps)
+  params = {"w": jax.numpy.full((256, 128), 2.0), "b": jax.numpy.full((128,), -1.0)}
+  grads = jax.tree.map(jax.numpy.zeros_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for key, x in params.items():
+    np.testing.assert_allclose(updates[key], -step_size * 0.1 * x, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["adafactor", "adamw", "t5x"])
