@@ -941,6 +941,19 @@ def test_the_switch_suite_runs_adamw_then_adafactor_cold_and_warm(tmp_path):
   assert (tmp_path / "switch.png").read_bytes().startswith(b"\x89PNG")
 
 
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
+
+
+@pytest.mark.parametrize("suite", ["paper"])
+def test_the_committed_comparison_tables_are_their_results_tables(suite):
+  """docs/results/compare_<suite>.md is what adafactor-compare writes from the JSON next to it
+  (and the README shows the .md: tests/test_readme.py)."""
+  results = json.loads((RESULTS / f"compare_{suite}.json").read_text())
+  render = compare.switch_table if suite == "switch" else compare.table
+  assert (RESULTS / f"compare_{suite}.md").read_text() == render(results) + "\n"
+  assert {r["name"] for r in results} == set(compare.suite_configs(suite))
+
+
 def test_table_compares_with_the_best_finite_adamw():
   results = [
     _result("adafactor", "adafactor", 2.0, 50),
