@@ -36,6 +36,8 @@ def _execute(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tupl
   # ipykernel's inline plots, and less XLA optimization (compiling dominates these tiny runs).
   run = tmp_path / "run"
   run.mkdir()
+  # One device unless a notebook asks for more (the sharded one does, in its first cell).
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
   monkeypatch.setenv("ADAFACTOR_NOTEBOOK_SMALL", "1")
   monkeypatch.setenv("TMPDIR", str(run))
   monkeypatch.delenv("MPLBACKEND", raising=False)
@@ -83,7 +85,6 @@ def test_paper_findings(tmp_path, monkeypatch):
 
 
 def test_sharded(tmp_path, monkeypatch):
-  monkeypatch.delenv("XLA_FLAGS", raising=False)  # the notebook's first cell asks for 8 devices
   text, images = _execute("sharded", tmp_path, monkeypatch)
   assert re.search(r"^8 devices: ", text, re.MULTILINE), text
   assert re.search(r"^blocks/0/mlp_in/kernel +P\('embed', 'mlp'\)$", text, re.MULTILINE), text
