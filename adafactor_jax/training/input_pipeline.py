@@ -14,6 +14,7 @@ import hashlib
 import os
 import sysconfig
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import numpy as np
@@ -39,7 +40,7 @@ def _text_files(corpus: str, suffixes: tuple[str, ...], max_bytes: int) -> list[
   """(relative path, absolute path) of the corpus' text files, sorted, up to max_bytes."""
   if os.path.isfile(corpus):
     return [(os.path.basename(corpus), corpus)]
-  found = []
+  found: list[str] = []
   for root, dirs, files in os.walk(corpus):
     dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
     found.extend(os.path.join(root, f) for f in sorted(files) if f.endswith(suffixes))
@@ -88,7 +89,8 @@ def load_corpus(
   files = _text_files(path, suffixes, max_bytes)
   if not files:
     raise CorpusError(f"data.corpus: no files ending in {suffixes} under {path!r}.")
-  train, held_out = [], []
+  train: list[bytes] = []
+  held_out: list[bytes] = []
   for relative, absolute in files:
     try:
       with open(absolute, "rb") as f:
@@ -152,9 +154,11 @@ def batch_at(
   its own devices hold (multi-host input): the rows do not depend on the mesh.
   """
   starts = window_starts(key, step, batch_size, seq_len, len(text))
-  return jax.make_array_from_callback(
-    (batch_size, seq_len + 1), sharding, lambda index: windows(text, starts[index[0]], seq_len)
-  )
+
+  def rows(index: Any) -> np.ndarray:  # the rows a device holds: index[0] is their slice
+    return windows(text, starts[index[0]], seq_len)
+
+  return jax.make_array_from_callback((batch_size, seq_len + 1), sharding, rows)
 
 
 def eval_batches(
@@ -172,10 +176,9 @@ def eval_batches(
   starts = np.stack(
     [window_starts(key, i, batch_size, seq_len, len(text)) for i in range(num_batches)]
   )
-  return jax.make_array_from_callback(
-    (num_batches, batch_size, seq_len + 1),
-    sharding,
-    lambda index: windows(text, starts[index[:2]].reshape(-1), seq_len).reshape(
-      starts[index[:2]].shape + (seq_len + 1,)
-    ),
-  )
+
+  def rows(index: Any) -> np.ndarray:  # batches index[0], rows index[1], every byte
+    chosen = starts[index[:2]]
+    return windows(text, chosen.reshape(-1), seq_len).reshape(chosen.shape + (seq_len + 1,))
+
+  return jax.make_array_from_callback((num_batches, batch_size, seq_len + 1), sharding, rows)

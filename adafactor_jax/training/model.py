@@ -10,21 +10,25 @@ without a mesh.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 
-def _named(init, *names):
+def _named(init: Any, *names: str) -> Any:
   return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
-def _linear(d_in: int, d_out: int, names: tuple[str, str], dtype, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(
+  d_in: int, d_out: int, names: tuple[str, str], dtype: Any, rngs: nnx.Rngs
+) -> nnx.Linear:
   init = _named(nnx.initializers.lecun_normal(), *names)
   return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, param_dtype=dtype, rngs=rngs)
 
 
-def _norm(d_model: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def _norm(d_model: int, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
   init = _named(nnx.initializers.ones, "embed")
   return nnx.LayerNorm(d_model, use_bias=False, scale_init=init, param_dtype=dtype, rngs=rngs)
 
@@ -37,7 +41,7 @@ class CausalSelfAttention(nnx.Module):
   matrix's second moment factors by default into rows and columns.
   """
 
-  def __init__(self, d_model: int, num_heads: int, dtype, *, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, num_heads: int, dtype: Any, *, rngs: nnx.Rngs) -> None:
     self.num_heads = num_heads
     self.qkv = _linear(d_model, 3 * d_model, ("embed", "joined_kv"), dtype, rngs)
     self.out = _linear(d_model, d_model, ("joined_kv", "embed"), dtype, rngs)
@@ -53,7 +57,9 @@ class CausalSelfAttention(nnx.Module):
 class Block(nnx.Module):
   """Pre-LayerNorm causal self-attention and MLP, without biases."""
 
-  def __init__(self, d_model: int, num_heads: int, mlp_dim: int, dtype, *, rngs: nnx.Rngs):
+  def __init__(
+    self, d_model: int, num_heads: int, mlp_dim: int, dtype: Any, *, rngs: nnx.Rngs
+  ) -> None:
     self.attention_norm = _norm(d_model, dtype, rngs)
     self.attention = CausalSelfAttention(d_model, num_heads, dtype, rngs=rngs)
     self.mlp_norm = _norm(d_model, dtype, rngs)
@@ -82,10 +88,10 @@ class TransformerLM(nnx.Module):
     num_heads: int,
     mlp_dim: int,
     embed_init_scale: float = 1.0,
-    dtype=jnp.float32,
+    dtype: Any = jnp.float32,
     *,
     rngs: nnx.Rngs,
-  ):
+  ) -> None:
     init = nnx.initializers.normal(stddev=embed_init_scale)
     self.embed = nnx.Embed(
       vocab_size,

@@ -69,7 +69,7 @@ def param_shardings(
   """
   specs = jax.tree.map(lambda names: mesh_spec(names, rules), param_axes, is_leaf=_is_spec)
 
-  def sharding(path, spec, param):
+  def sharding(path: jax.tree_util.KeyPath, spec: PartitionSpec, param: Any) -> NamedSharding:
     for dim, axis in zip(param.shape, spec, strict=False):
       if axis is not None and dim % mesh.shape[axis]:
         raise ConfigError(

@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -77,15 +78,15 @@ class _StopOnSignal:
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
+  def __init__(self) -> None:
     self.signum: int | None = None
     self._previous: dict[int, Any] = {}
 
-  def _handle(self, signum, frame):
+  def _handle(self, signum: int, frame: Any) -> None:
     self.signum = signum
     self._restore()
 
-  def _restore(self):
+  def _restore(self) -> None:
     for signum, handler in self._previous.items():
       signal.signal(signum, handler)
     self._previous = {}
@@ -98,12 +99,12 @@ class _StopOnSignal:
     votes = multihost_utils.process_allgather(np.int32(self.signum or 0))
     return int(np.max(votes)) or None
 
-  def __enter__(self):
+  def __enter__(self) -> _StopOnSignal:
     if threading.current_thread() is threading.main_thread():
       self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
-  def __exit__(self, *exc):
+  def __exit__(self, *exc: object) -> None:
     self._restore()
 
 
@@ -336,7 +337,9 @@ def create_shardings(
   )
 
 
-def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, shardings: Shardings):
+def make_steps(
+  graphdef: nnx.GraphDef, tx: optax.GradientTransformation, shardings: Shardings
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
   """The train step (params and state donated, updated in place) and evaluation, compiled for
   the shardings."""
   loss_fn = functools.partial(next_token_loss, graphdef)
@@ -347,7 +350,7 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, shardin
     out_shardings=(shardings.params, shardings.opt_state, shardings.replicated),
     donate_argnums=(0, 1),
   )
-  def train_step(params, opt_state, batch):
+  def train_step(params: Any, opt_state: Any, batch: jax.Array) -> tuple[Any, Any, jax.Array]:
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -357,7 +360,7 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, shardin
     in_shardings=(shardings.params, shardings.eval_batches),
     out_shardings=shardings.replicated,
   )
-  def evaluate(params, batches):
+  def evaluate(params: Any, batches: jax.Array) -> jax.Array:
     return jnp.mean(jax.lax.map(functools.partial(loss_fn, params), batches))
 
   return train_step, evaluate
