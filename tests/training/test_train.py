@@ -944,7 +944,7 @@ def test_the_switch_suite_runs_adamw_then_adafactor_cold_and_warm(tmp_path):
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
 
 
-@pytest.mark.parametrize("suite", ["default", "paper"])
+@pytest.mark.parametrize("suite", ["default", "paper", "switch"])
 def test_the_committed_comparison_tables_are_their_results_tables(suite):
   """docs/results/compare_<suite>.md is what adafactor-compare writes from the JSON next to it
   (and the README shows the .md: tests/test_readme.py)."""
