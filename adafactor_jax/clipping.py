@@ -99,19 +99,11 @@ def clip_by_update_rms(
     clipped = jax.tree.map(lambda u, d: (widen(u) / d).astype(u.dtype), updates, denominators)
     if not telemetry:
       return clipped, state
-
-    def figure(tree: optax.Updates) -> optax.Updates:
-      return jax.tree_util.tree_map_with_path(
-        lambda path, x, u: _telemetry.per_slice(
-          x, slice_axes(_checks.path_name(path), jnp.shape(u))
-        ),
-        tree,
-        updates,
-      )
-
+    assert isinstance(state, _telemetry.TelemetryState)
+    figures = {_telemetry.RMS_UPDATE: update_rms, _telemetry.CLIPPING_DENOMINATOR: denominators}
     per_parameter = {
-      _telemetry.RMS_UPDATE: figure(update_rms),
-      _telemetry.CLIPPING_DENOMINATOR: figure(denominators),
+      name: _telemetry.packed(jax.tree.leaves(figures[name]), like)
+      for name, like in state.per_parameter.items()
     }
     return clipped, _telemetry.TelemetryState(optax.EmptyState(), {}, per_parameter)
 

@@ -512,12 +512,16 @@ def scale_by_factored_rms(
       return new_updates, new_state
     new_updates, new_state, figures = step(updates, state.inner_state, extra_args)
     per_step = {_telemetry.BETA2: figures.pop(_telemetry.BETA2)}
-    return new_updates, _telemetry.TelemetryState(new_state, per_step, figures)
+    per_parameter = {
+      name: _telemetry.packed(figures[name], like) for name, like in state.per_parameter.items()
+    }
+    return new_updates, _telemetry.TelemetryState(new_state, per_step, per_parameter)
 
   def step(
     updates: optax.Updates, state: ScaleByFactoredRmsState, extra_args: dict[str, Any]
   ) -> tuple[optax.Updates, ScaleByFactoredRmsState, dict[str, Any]]:
-    """The update, and with telemetry its figures (else an empty dict)."""
+    """The update, and with telemetry its figures (else an empty dict): beta2, and
+    per name a list of each parameter's values per slice."""
     probe = _probe.find(extra_args)
 
     def parameter_shape(
@@ -579,13 +583,8 @@ def scale_by_factored_rms(
     figures: dict[str, Any] = {}
     if telemetry:
       figures[_telemetry.BETA2] = beta2.astype(jnp.float32)
-      named: dict[str, list[Any]] = {
-        _telemetry.RMS_UPDATE: rms,
-        _telemetry.CLIPPING_DENOMINATOR: denominators,
-      }
-      for name in figure_names:
-        per_slice = zip(named[name], msq_axes, strict=True)
-        figures[name] = treedef.unflatten([_telemetry.per_slice(x, a or ()) for x, a in per_slice])
+      figures[_telemetry.RMS_UPDATE] = rms
+      figures[_telemetry.CLIPPING_DENOMINATOR] = denominators
     new_state = ScaleByFactoredRmsState(optax.safe_increment(state.count), v_row, v_col, v)
     return treedef.unflatten(new_updates), new_state, figures
 

@@ -74,10 +74,9 @@ def scale_by_parameter_scale(
     scaled = jax.tree.map(lambda u, f: (widen(u) * f).astype(u.dtype), updates, factors)
     if not telemetry:
       return scaled, state
-    scales = jax.tree_util.tree_map_with_path(
-      lambda path, f, x: _telemetry.per_slice(f, slice_axes(_checks.path_name(path), jnp.shape(x))),
-      factors,
-      params,
+    assert isinstance(state, _telemetry.TelemetryState)
+    scales = _telemetry.packed(
+      jax.tree.leaves(factors), state.per_parameter[_telemetry.PARAMETER_SCALE]
     )
     return scaled, _telemetry.TelemetryState(
       optax.EmptyState(), {}, {_telemetry.PARAMETER_SCALE: scales}
