@@ -144,8 +144,11 @@ def _is_nnx_variable(x: Any) -> bool:  # duck-typed, so that flax stays optional
 
 
 def _value(x: Any) -> Any:
-  """The array, also inside the nnx.Variable that flax.nnx.Optimizer's state holds."""
-  return x.get_value() if _is_nnx_variable(x) else x
+  """The array (also inside the nnx.Variable that flax.nnx.Optimizer's state holds):
+  traced as it is, else fetched to the host in one transfer, so that slicing it
+  into hundreds of scalars costs no device dispatch each."""
+  x = x.get_value() if _is_nnx_variable(x) else x
+  return x if isinstance(x, jax.core.Tracer) else np.asarray(x)
 
 
 def _collect(
@@ -200,7 +203,7 @@ def telemetry(opt_state: optax.OptState) -> dict[str, jax.Array]:
   ``optax.masked``, ``optax.multi_transform`` and :func:`skip_nonfinite`, also
   as ``flax.nnx.Optimizer`` holds it (``adafactor_jax.telemetry(optimizer.opt_state)``).
   Nothing is computed from the parameters: each figure was stored by the step
-  that computed it anyway, so under ``jax.jit`` it is a few scalar ops.
+  that computed it anyway.
 
   Per parameter (per slice where ``factor_dims`` declares batch axes), named
   ``'<parameter path>/<figure>'``, e.g. ``'decoder/mlp/wi/kernel/parameter_scale'``:
@@ -236,9 +239,10 @@ def telemetry(opt_state: optax.OptState) -> dict[str, jax.Array]:
     opt_state: the optimizer's state.
 
   Returns:
-    A dict from name to a float32 array of shape () (``skipped_steps``:
-    int32). Call it inside ``jax.jit``, or ``jax.device_get`` the result, to
-    fetch them all at once.
+    A dict from name to a float32 scalar (``skipped_steps``: int32): NumPy
+    scalars for a state of arrays (fetched with one transfer per figure, which
+    waits for the step that wrote them), traced arrays of shape () inside
+    ``jax.jit``.
 
   Raises:
     ValueError: when ``opt_state`` records no telemetry.

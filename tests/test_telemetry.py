@@ -307,7 +307,6 @@ def test_flax_nnx_optimizer_state_reads_like_the_optax_state():
   expected = adafactor_jax.telemetry(state)
   assert figures.keys() == expected.keys()
   for key in expected:
-    assert isinstance(figures[key], jax.Array), key
     np.testing.assert_allclose(figures[key], expected[key], rtol=1e-6, err_msg=key)
 
 
