@@ -65,9 +65,10 @@ class TelemetryState(NamedTuple):
 
   ``inner_state`` is the state the transformation has without telemetry;
   ``per_step`` maps a figure's name to a float32 scalar, and ``per_parameter``
-  a figure's name to a :class:`PackedFigures`: its value for every parameter,
-  per slice along the batch axes that ``factor_dims`` declares (a stack of 12
-  scanned layers has 12), in one float32 vector. Each holds the figures of the
+  a figure's name to its value for every parameter, per slice along the batch
+  axes that ``factor_dims`` declares (a stack of 12 scanned layers has 12),
+  packed in one float32 vector: ``.values``, with ``.layout`` (static) naming
+  the parameters and their slice shapes. Each holds the figures of the
   last update (before the first: zeros, and clipping denominators of 1). Read
   them with :func:`adafactor_jax.telemetry`.
   """
