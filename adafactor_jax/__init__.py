@@ -1,6 +1,7 @@
 """Adafactor for JAX, as composable Optax gradient transformations."""
 
 from adafactor_jax import presets, schedules
+from adafactor_jax._telemetry import TelemetryState, telemetry
 from adafactor_jax.alias import adafactor
 from adafactor_jax.clipping import clip_by_update_rms
 from adafactor_jax.factored import (
@@ -26,6 +27,7 @@ __all__ = [
   "ScaleByFactoredRmsState",
   "SkipNonfiniteState",
   "StochasticRoundingState",
+  "TelemetryState",
   "adafactor",
   "clip_by_update_rms",
   "decay_rate_pow",
@@ -41,5 +43,6 @@ __all__ = [
   "state_shardings",
   "stochastic_round",
   "stochastic_rounding",
+  "telemetry",
   "warm_start_state",
 ]

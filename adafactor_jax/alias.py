@@ -6,7 +6,7 @@ from typing import Any
 
 import optax
 
-from adafactor_jax import _checks
+from adafactor_jax import _checks, _telemetry
 from adafactor_jax.factored import FactorDimsFn, FactorRules, scale_by_factored_rms
 from adafactor_jax.momentum import FLOAT32, ema_momentum, momentum_dtype_or_error
 from adafactor_jax.nonfinite import skip_nonfinite as skip_nonfinite_steps
@@ -39,6 +39,7 @@ def adafactor_chain(
   relative_max_step_size: float = 1e-2,
   weight_decay_scaled_by_step: bool = False,
   maximize: bool = False,
+  telemetry: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`adafactor`, with the extra knobs the presets need.
 
@@ -85,6 +86,7 @@ def adafactor_chain(
   _checks.check_bool("stochastic_rounding", stochastic_rounding)
   _checks.check_scalar("rounding_seed", rounding_seed, integer=True)
   _checks.check_bool("maximize", maximize)
+  _checks.check_bool("telemetry", telemetry)
 
   chain = [
     scale_by_factored_rms(
@@ -96,6 +98,7 @@ def adafactor_chain(
       min_dim_size_to_factor=min_dim_size_to_factor,
       factor_dims=factor_dims,
       clipping_threshold=clipping_threshold,
+      telemetry=telemetry,
     )
   ]
   weight_decay_step = (
@@ -107,9 +110,11 @@ def adafactor_chain(
     chain.append(weight_decay_step)
   if learning_rate is None:
     learning_rate = relative_step_size(warmup_init, max_step_size=relative_max_step_size)
-  chain.append(optax.scale_by_learning_rate(learning_rate, flip_sign=maximize))
+  chain.append(
+    _telemetry.scale_by_learning_rate(learning_rate, flip_sign=maximize, telemetry=telemetry)
+  )
   if multiply_by_parameter_scale:
-    chain.append(scale_by_parameter_scale(epsilon2, factor_dims=factor_dims))
+    chain.append(scale_by_parameter_scale(epsilon2, factor_dims=factor_dims, telemetry=telemetry))
   if momentum is not None:
     chain.append(ema_momentum(momentum, momentum_dtype=momentum_dtype))
   if weight_decay_step is not None and not weight_decay_scaled_by_step:
@@ -142,6 +147,7 @@ def adafactor(
   factor_dims: FactorDimsFn | FactorRules | None = None,
   stochastic_rounding: bool = False,
   rounding_seed: int = 0,
+  telemetry: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Adafactor optimizer, with the defaults of the paper's Algorithm 6.
 
@@ -227,6 +233,13 @@ def adafactor(
       are unaffected. Adds a PRNG key to the state.
     rounding_seed: the integer seed of that key; the rounding is a pure
       function of the seed and the step.
+    telemetry: if True, the state also records, each step, :math:`\hat\beta_{2t}`,
+      the step size, and per parameter (per slice along batch axes)
+      :math:`\mathrm{RMS}(U_t)` before clipping, the clipping denominator
+      :math:`\max(1, \mathrm{RMS}(U_t)/d)` and the parameter scale: scalars
+      the step computes anyway, so it costs no extra pass over the parameters.
+      Read them with :func:`adafactor_jax.telemetry`. If False (the default),
+      the state and the step are exactly those without this argument.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -255,4 +268,5 @@ def adafactor(
     factor_dims=factor_dims,
     stochastic_rounding=stochastic_rounding,
     rounding_seed=rounding_seed,
+    telemetry=telemetry,
   )

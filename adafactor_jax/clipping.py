@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_jax import _checks
+from adafactor_jax import _checks, _telemetry
 from adafactor_jax.factored import (
   FactorDimsFn,
   FactorRules,
@@ -41,6 +41,7 @@ def clip_by_update_rms(
   clipping_threshold: float = 1.0,
   *,
   factor_dims: FactorDimsFn | FactorRules | None = None,
+  telemetry: bool = False,
 ) -> optax.GradientTransformation:
   r"""Clips each parameter's update to an RMS of at most ``clipping_threshold``.
 
@@ -59,27 +60,51 @@ def clip_by_update_rms(
     clipping_threshold: the threshold :math:`d > 0` (paper: 1.0).
     factor_dims: the choice given to :func:`adafactor_jax.scale_by_factored_rms`;
       only the batch axes of its :class:`adafactor_jax.FactorAxes` are used.
+    telemetry: if True, the state records, per parameter (per slice), the
+      :math:`\mathrm{RMS}(U_t)` it computes and :math:`\max(1,
+      \mathrm{RMS}(U_t)/d)` (a :class:`adafactor_jax.TelemetryState`; read it
+      with :func:`adafactor_jax.telemetry`).
 
   Returns:
-    An `optax.GradientTransformation` with no state.
+    An `optax.GradientTransformation` with no state (without telemetry).
 
   References:
     Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory
     Cost <https://arxiv.org/abs/1804.04235>`_, 2018, Section 6.
   """
   _checks.check_scalar("clipping_threshold", clipping_threshold, low=0.0, low_open=True)
+  _checks.check_bool("telemetry", telemetry)
   user_choice = _rules_fn(factor_dims)
 
+  def slice_axes(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return _slice_axes(user_choice, name, shape)
+
+  def init_fn(params: optax.Params) -> optax.EmptyState | _telemetry.TelemetryState:
+    if not telemetry:
+      return optax.EmptyState()
+    per_parameter = {
+      name: _telemetry.initial_figures(name, params, slice_axes)
+      for name in (_telemetry.RMS_UPDATE, _telemetry.CLIPPING_DENOMINATOR)
+    }
+    return _telemetry.TelemetryState(optax.EmptyState(), {}, per_parameter)
+
   def update_fn(
-    updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None
-  ) -> tuple[optax.Updates, optax.EmptyState]:
+    updates: optax.Updates,
+    state: optax.EmptyState | _telemetry.TelemetryState,
+    params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, optax.EmptyState | _telemetry.TelemetryState]:
     del params
-
-    def clip(update: jax.Array, update_rms: jax.Array) -> jax.Array:
-      denominator = jnp.maximum(1.0, update_rms / clipping_threshold)
-      return (widen(update) / denominator).astype(update.dtype)
-
     update_rms = per_slice_rms(updates, factor_dims=user_choice)
-    return jax.tree.map(clip, updates, update_rms), state
+    denominators = jax.tree.map(lambda r: jnp.maximum(1.0, r / clipping_threshold), update_rms)
+    clipped = jax.tree.map(lambda u, d: (widen(u) / d).astype(u.dtype), updates, denominators)
+    if not telemetry:
+      return clipped, state
+    assert isinstance(state, _telemetry.TelemetryState)
+    figures = {_telemetry.RMS_UPDATE: update_rms, _telemetry.CLIPPING_DENOMINATOR: denominators}
+    per_parameter = {
+      name: _telemetry.packed(jax.tree.leaves(figures[name]), like)
+      for name, like in state.per_parameter.items()
+    }
+    return clipped, _telemetry.TelemetryState(optax.EmptyState(), {}, per_parameter)
 
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)

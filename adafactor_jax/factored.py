@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adafactor_jax import _checks, _probe, schedules
+from adafactor_jax import _checks, _probe, _telemetry, schedules
 
 
 class FactorAxes(NamedTuple):
@@ -351,6 +351,7 @@ def scale_by_factored_rms(
   min_dim_size_to_factor: int | None = None,
   factor_dims: FactorDimsFn | FactorRules | None = None,
   clipping_threshold: float | None = None,
+  telemetry: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales updates by a factored estimate of the gradient's RMS (Adafactor).
 
@@ -403,6 +404,16 @@ def scale_by_factored_rms(
       unmatched parameters taking the default (:func:`default_factor_dims`).
     clipping_threshold: :math:`d > 0` to clip the update by its RMS (paper:
       1.0, the default of :func:`adafactor_jax.adafactor`), or None not to.
+    telemetry: if True, the state also records :math:`\hat\beta_{2t}` and, per
+      parameter (per slice along batch axes), :math:`\mathrm{RMS}(U_t)` before
+      clipping and, with clipping, :math:`\max(1, \mathrm{RMS}(U_t)/d)`: the
+      state is then a :class:`adafactor_jax.TelemetryState` around the
+      :class:`ScaleByFactoredRmsState`; read it with
+      :func:`adafactor_jax.telemetry`. :math:`\mathrm{RMS}(U_t)` is the one
+      clipping uses, from the pass that computes :math:`R_t` (without
+      clipping, that pass computes it all the same; a parameter with a full
+      second moment is read once more). If False, neither state nor step
+      changes.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`. (Its only extra argument is the
@@ -426,6 +437,7 @@ def scale_by_factored_rms(
     allow_none=True,
     hint="Pass None to turn clipping off.",
   )
+  _checks.check_bool("telemetry", telemetry)
   user_choice = _rules_fn(factor_dims)
   beta2_schedule = schedules.decay_rate_pow(
     decay_rate, decay_offset=decay_offset, beta2_cap=beta2_cap
@@ -440,7 +452,14 @@ def scale_by_factored_rms(
       return dims._replace(row=(), col=())
     return dims
 
-  def init_fn(params: optax.Params) -> ScaleByFactoredRmsState:
+  figure_names: tuple[str, ...] = (_telemetry.RMS_UPDATE,)
+  if clipping_threshold is not None:
+    figure_names += (_telemetry.CLIPPING_DENOMINATOR,)
+
+  def slice_axes(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return _slice_axes(user_choice, name, shape)
+
+  def init_fn(params: optax.Params) -> ScaleByFactoredRmsState | _telemetry.TelemetryState:
     if min_dim_size_to_factor is None:
       min_dim = DEFAULT_MIN_DIM_SIZE_TO_FACTOR
     else:
@@ -468,17 +487,43 @@ def scale_by_factored_rms(
     # as a leaf, so that they line up with the params whatever containers
     # (tuples, MaskedNode) the tree holds.
     per_param = jax.tree_util.tree_map_with_path(statistics, params)
-    return ScaleByFactoredRmsState(
+    state = ScaleByFactoredRmsState(
       jnp.zeros([], jnp.int32),
       *(jax.tree.map(lambda s, i=i: s[i], per_param) for i in range(3)),
+    )
+    if not telemetry:
+      return state
+    per_parameter = {
+      name: _telemetry.initial_figures(name, params, slice_axes) for name in figure_names
+    }
+    return _telemetry.TelemetryState(
+      state, _telemetry.scalar_zeros(_telemetry.BETA2), per_parameter
     )
 
   def update_fn(
     updates: optax.Updates,
-    state: ScaleByFactoredRmsState,
+    state: ScaleByFactoredRmsState | _telemetry.TelemetryState,
     params: optax.Params | None = None,
     **extra_args: Any,
-  ) -> tuple[optax.Updates, ScaleByFactoredRmsState]:
+  ) -> tuple[optax.Updates, ScaleByFactoredRmsState | _telemetry.TelemetryState]:
+    if isinstance(state, ScaleByFactoredRmsState):
+      new_updates, new_state, _ = step(updates, state, params, extra_args)
+      return new_updates, new_state
+    new_updates, new_state, figures = step(updates, state.inner_state, params, extra_args)
+    per_step = {_telemetry.BETA2: figures.pop(_telemetry.BETA2)}
+    per_parameter = {
+      name: _telemetry.packed(figures[name], like) for name, like in state.per_parameter.items()
+    }
+    return new_updates, _telemetry.TelemetryState(new_state, per_step, per_parameter)
+
+  def step(
+    updates: optax.Updates,
+    state: ScaleByFactoredRmsState,
+    params: optax.Params | None,
+    extra_args: dict[str, Any],
+  ) -> tuple[optax.Updates, ScaleByFactoredRmsState, dict[str, Any]]:
+    """The update, and with telemetry its figures (else an empty dict): beta2, and
+    per name a list of each parameter's values per slice."""
     probe = _probe.find(extra_args)
 
     def parameter_shape(
@@ -511,29 +556,40 @@ def scale_by_factored_rms(
         [None if x is None else x + epsilon1 for x in xs] for xs in (v_rows, v_cols, vs)
       )
     msq_axes: list[tuple[int, ...] | None] = [None] * len(grads)
-    if clipping_threshold is not None:
+    if clipping_threshold is not None or telemetry:
       msq_axes = [
-        _slice_axes(user_choice, _checks.path_name(path), jnp.shape(g))
+        slice_axes(_checks.path_name(path), jnp.shape(g))
         for path, g in jax.tree_util.tree_leaves_with_path(updates)
       ]
     outputs = [
       _precondition(g, r, c, v, beta2, epsilon1, mean_square_axes=axes)
       for g, r, c, v, axes in zip(grads, v_rows, v_cols, vs, msq_axes, strict=True)
     ]
+    rms = [None if out.mean_square is None else jnp.sqrt(out.mean_square) for out in outputs]
+    denominators = [
+      None if r is None or clipping_threshold is None else jnp.maximum(1.0, r / clipping_threshold)
+      for r in rms
+    ]
 
-    def scaled(grad: jax.Array, out: _Preconditioned) -> jax.Array:
+    def scaled(grad: jax.Array, out: _Preconditioned, denominator: jax.Array | None) -> jax.Array:
       row_factor, col_factor = out.factors
-      if clipping_threshold is not None and out.mean_square is not None:
+      if denominator is not None:
         # Folded into a small factor: no extra multiply per element.
-        col_factor = col_factor / jnp.maximum(1.0, jnp.sqrt(out.mean_square) / clipping_threshold)
+        col_factor = col_factor / denominator
       return _saturating_cast(widen(grad) * row_factor * col_factor, grad.dtype)
 
-    new_updates = [scaled(g, out) for g, out in zip(grads, outputs, strict=True)]
+    new_updates = [
+      scaled(g, out, d) for g, out, d in zip(grads, outputs, denominators, strict=True)
+    ]
     v_row, v_col, v = (
       treedef.unflatten([getattr(out, name) for out in outputs]) for name in ("v_row", "v_col", "v")
     )
-    return treedef.unflatten(new_updates), ScaleByFactoredRmsState(
-      optax.safe_increment(state.count), v_row, v_col, v
-    )
+    figures: dict[str, Any] = {}
+    if telemetry:
+      figures[_telemetry.BETA2] = beta2.astype(jnp.float32)
+      figures[_telemetry.RMS_UPDATE] = rms
+      figures[_telemetry.CLIPPING_DENOMINATOR] = denominators
+    new_state = ScaleByFactoredRmsState(optax.safe_increment(state.count), v_row, v_col, v)
+    return treedef.unflatten(new_updates), new_state, figures
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -3,7 +3,8 @@
 Each preset returns an `optax.GradientTransformation` whose update equals (or,
 where noted, closely approximates) what the named system computes, so that a
 run can move here without changing its numerics. Differences that remain are
-listed in each docstring.
+listed in each docstring. Each also takes ``telemetry``, as
+:func:`adafactor_jax.adafactor` does (read with :func:`adafactor_jax.telemetry`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from adafactor_jax import _checks, schedules
+from adafactor_jax import _checks, _telemetry, schedules
 from adafactor_jax.alias import adafactor, adafactor_chain
 from adafactor_jax.factored import scale_by_factored_rms
 from adafactor_jax.momentum import ema_momentum
@@ -49,6 +50,7 @@ def t5x(
   weight_decay_rate: float | None = None,
   factor_dims: Any = None,
   momentum: float | None = None,
+  telemetry: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """T5X's ``adafactor.Adafactor`` with T5's pre-training learning rate.
 
@@ -83,6 +85,7 @@ def t5x(
     min_dim_size_to_factor=128,
     skip_nonfinite=False,
     factor_dims=factor_dims,
+    telemetry=telemetry,
   )
 
 
@@ -96,6 +99,7 @@ def big_vision(
   beta2_cap: float = 0.999,
   min_dim_size_to_factor: int = 32,
   factor_dims: Any = None,
+  telemetry: bool = False,
 ) -> optax.GradientTransformation:
   """Big Vision's ``scale_by_adafactor`` (Zhai et al. 2021, ViT-G) plus its lr.
 
@@ -119,13 +123,18 @@ def big_vision(
   """
   chain = [
     scale_by_factored_rms(
-      beta2_cap=beta2_cap, min_dim_size_to_factor=min_dim_size_to_factor, factor_dims=factor_dims
+      beta2_cap=beta2_cap,
+      min_dim_size_to_factor=min_dim_size_to_factor,
+      factor_dims=factor_dims,
+      telemetry=telemetry,
     ),
     ema_momentum(momentum, momentum_dtype=momentum_dtype),
   ]
   if weight_decay is not None:
     chain.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
-  chain.append(optax.scale_by_learning_rate(learning_rate))
+  chain.append(
+    _telemetry.scale_by_learning_rate(learning_rate, flip_sign=True, telemetry=telemetry)
+  )
   return optax.chain(*chain)
 
 
@@ -140,6 +149,7 @@ def hf_transformers(
   scale_parameter: bool = True,
   relative_step: bool = True,
   warmup_init: bool = False,
+  telemetry: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """``transformers.Adafactor`` with its own argument names and meanings.
 
@@ -195,6 +205,7 @@ def hf_transformers(
     skip_nonfinite=False,
     factor_dims=_last_two_axes,
     weight_decay_scaled_by_step=True,
+    telemetry=telemetry,
   )
 
 
@@ -206,6 +217,7 @@ def torch_adafactor(
   d: float = 1.0,
   weight_decay: float = 0.0,
   maximize: bool = False,
+  telemetry: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """``torch.optim.Adafactor`` with its own argument names and meanings.
 
@@ -255,4 +267,5 @@ def torch_adafactor(
     factor_dims=_last_two_axes,
     relative_max_step_size=lr,
     maximize=maximize,
+    telemetry=telemetry,
   )

@@ -6,15 +6,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_jax import _checks
+from adafactor_jax import _checks, _telemetry
 from adafactor_jax.clipping import per_slice_rms
-from adafactor_jax.factored import FactorDimsFn, FactorRules, _rules_fn, widen
+from adafactor_jax.factored import FactorDimsFn, FactorRules, _rules_fn, _slice_axes, widen
 
 
 def scale_by_parameter_scale(
   epsilon2: float = 1e-3,
   *,
   factor_dims: FactorDimsFn | FactorRules | None = None,
+  telemetry: bool = False,
 ) -> optax.GradientTransformation:
   r"""Multiplies each parameter's update by the parameter's own scale.
 
@@ -32,31 +33,53 @@ def scale_by_parameter_scale(
     epsilon2: the lower bound :math:`\epsilon_2 \ge 0` on the scale (paper: 1e-3).
     factor_dims: the choice given to :func:`adafactor_jax.scale_by_factored_rms`;
       only the batch axes of its :class:`adafactor_jax.FactorAxes` are used.
+    telemetry: if True, the state records, per parameter (per slice), the
+      scale :math:`\max(\epsilon_2, \mathrm{RMS}(X_{t-1}))` it multiplied by (a
+      :class:`adafactor_jax.TelemetryState`; read it with
+      :func:`adafactor_jax.telemetry`).
 
   Returns:
-    An `optax.GradientTransformation` with no state; its update needs ``params``.
+    An `optax.GradientTransformation` with no state (without telemetry); its
+    update needs ``params``.
 
   References:
     Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory
     Cost <https://arxiv.org/abs/1804.04235>`_, 2018, Section 8.
   """
   _checks.check_scalar("epsilon2", epsilon2, low=0.0)
+  _checks.check_bool("telemetry", telemetry)
   user_choice = _rules_fn(factor_dims)
 
+  def slice_axes(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return _slice_axes(user_choice, name, shape)
+
+  def init_fn(params: optax.Params) -> optax.EmptyState | _telemetry.TelemetryState:
+    if not telemetry:
+      return optax.EmptyState()
+    scales = _telemetry.initial_figures(_telemetry.PARAMETER_SCALE, params, slice_axes)
+    return _telemetry.TelemetryState(optax.EmptyState(), {}, {_telemetry.PARAMETER_SCALE: scales})
+
   def update_fn(
-    updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None
-  ) -> tuple[optax.Updates, optax.EmptyState]:
+    updates: optax.Updates,
+    state: optax.EmptyState | _telemetry.TelemetryState,
+    params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, optax.EmptyState | _telemetry.TelemetryState]:
     if params is None:
       raise ValueError(
         "scale_by_parameter_scale needs the parameters: call update(updates, state, params)."
       )
     _checks.check_tree_matches(updates, params)
-
-    def scale(update: jax.Array, param_rms: jax.Array) -> jax.Array:
-      factor = jnp.maximum(epsilon2, param_rms)
-      return (widen(update) * factor).astype(update.dtype)
-
     param_rms = per_slice_rms(params, factor_dims=user_choice)
-    return jax.tree.map(scale, updates, param_rms), state
+    factors = jax.tree.map(lambda r: jnp.maximum(epsilon2, r), param_rms)
+    scaled = jax.tree.map(lambda u, f: (widen(u) * f).astype(u.dtype), updates, factors)
+    if not telemetry:
+      return scaled, state
+    assert isinstance(state, _telemetry.TelemetryState)
+    scales = _telemetry.packed(
+      jax.tree.leaves(factors), state.per_parameter[_telemetry.PARAMETER_SCALE]
+    )
+    return scaled, _telemetry.TelemetryState(
+      optax.EmptyState(), {}, {_telemetry.PARAMETER_SCALE: scales}
+    )
 
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -52,6 +52,7 @@ def sgd(learning_rate: float = 1e-3) -> optax.GradientTransformation:
 
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
   "adafactor_jax": lambda: adafactor_jax.adafactor(learning_rate=1e-2),
+  "adafactor_jax_telemetry": lambda: adafactor_jax.adafactor(learning_rate=1e-2, telemetry=True),
   "adafactor_jax_bf16_momentum": lambda: adafactor_jax.adafactor(
     learning_rate=1e-2, momentum=0.9, momentum_dtype=jnp.bfloat16
   ),
@@ -72,6 +73,7 @@ RATIOS = {"x_sgd": "sgd", "x_optax_adamw": "optax_adamw", "x_optax_adafactor": "
 
 BUFFERS = {
   "adafactor_jax": 1.1,
+  "adafactor_jax_telemetry": 1.1,
   "adafactor_jax_bf16_momentum": 1.6,
   "optax_adafactor": 3.0,
   "optax_adamw": 3.0,
@@ -357,6 +359,7 @@ def sweep_table(sweep: list[dict[str, Any]], slopes: dict[str, float]) -> str:
 
 LABELS = {
   "adafactor_jax": "**adafactor_jax**",
+  "adafactor_jax_telemetry": "adafactor_jax, telemetry on",
   "adafactor_jax_bf16_momentum": "adafactor_jax, bf16 momentum",
   "optax_adafactor": "optax.adafactor",
   "optax_adamw": "optax.adamw",

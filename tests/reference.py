@@ -78,6 +78,12 @@ class Reference:
   t: int = 0
   skipped: int = 0
   state: dict = field(default_factory=dict)
+  # What the last step computed on the way (the library's telemetry): per parameter
+  # RMS(U) before clipping, the clipping denominator, the parameter scale and the RMS
+  # of the step before momentum and weight decay; per step beta2 and the step size.
+  figures: dict = field(default_factory=dict)
+  beta2: float = 0.0
+  step_size: float = 0.0
 
   def __post_init__(self):
     self.params = {k: _wide(v) for k, v in self.params.items()}
@@ -122,7 +128,8 @@ class Reference:
       return
     self.t += 1
     t = self.t
-    beta2 = self._beta2(t)
+    beta2 = self.beta2 = self._beta2(t)
+    self.step_size = self._step_size(t)
     for name, g in grads.items():
       x, leaf = self.params[name], self.state[name]
       if leaf.axes is None:
@@ -137,12 +144,17 @@ class Reference:
         leaf.col = beta2 * leaf.col + (1 - beta2) * sq.sum(-2)
         v_hat = leaf.row[..., :, None] * leaf.col[..., None, :] / leaf.row.sum(-1)[..., None, None]
         u = np.moveaxis(g_moved / np.sqrt(v_hat), (-2, -1), leaf.axes)
+      figures = self.figures[name] = {"rms_update_before_clipping": np.sqrt(np.mean(_abs2(u)))}
       if o.clipping_threshold is not None:
-        u = u / max(1.0, np.sqrt(np.mean(_abs2(u))) / o.clipping_threshold)
+        denominator = max(1.0, np.sqrt(np.mean(_abs2(u))) / o.clipping_threshold)
+        figures["clipping_denominator"] = denominator
+        u = u / denominator
       alpha = self._step_size(t)
       if o.multiply_by_parameter_scale:
-        alpha *= max(o.epsilon2, np.sqrt(np.mean(_abs2(x))))
+        figures["parameter_scale"] = max(o.epsilon2, np.sqrt(np.mean(_abs2(x))))
+        alpha *= figures["parameter_scale"]
       u = alpha * u
+      figures["rms_step"] = np.sqrt(np.mean(_abs2(u)))
       if o.momentum is not None:
         new_m = o.momentum * leaf.m + (1 - o.momentum) * u
         if o.momentum_dtype == "bfloat16":

@@ -170,6 +170,7 @@ def test_signature_is_exactly_the_documented_one():
     "factor_dims": None,
     "stochastic_rounding": False,
     "rounding_seed": 0,
+    "telemetry": False,
   }
   signature = inspect.signature(adafactor_jax.adafactor)
   assert list(signature.parameters) == list(expected)

@@ -88,6 +88,8 @@ CONFIGS = {
   "skip_nonfinite": ({"skip_nonfinite": True}, jnp.float32),
   # The PRNG key in the state must come back too, or the resumed rounding differs.
   "stochastic_rounding_bf16": ({"stochastic_rounding": True, "rounding_seed": 3}, jnp.bfloat16),
+  # The figures must come back too, and be read from the restored state.
+  "telemetry_skip_nonfinite": ({"telemetry": True, "skip_nonfinite": True}, jnp.float32),
 }
 # Built once: tx is a static argument of _optax_step, one compilation each.
 TXS = {name: adafactor_jax.adafactor(**kwargs) for name, (kwargs, _) in CONFIGS.items()}
@@ -162,6 +164,11 @@ def test_orbax_round_trip_is_bit_exact_and_training_resumes_identically(name, tm
 
   _assert_bit_identical(restored, tree)
   _assert_bit_identical(restored_standard, tree)
+  if kwargs.get("telemetry"):
+    figures = adafactor_jax.telemetry(state)
+    assert float(figures["kernel/rms_update_before_clipping"]) > 0
+    assert int(figures["skipped_steps"]) == 1
+    assert_bit_identical(adafactor_jax.telemetry(restored["opt_state"]), figures)
   assert type(restored["opt_state"]) is type(state)
   (restored_stats,) = _find(restored["opt_state"], adafactor_jax.ScaleByFactoredRmsState)
   assert restored_stats.v["kernel"] is None and restored_stats.v_row["bias"] is None
