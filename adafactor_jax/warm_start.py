@@ -11,7 +11,7 @@ import optax
 
 from adafactor_jax import _checks, _probe
 from adafactor_jax.factored import _TINY, ScaleByFactoredRmsState, _factored_axes
-from adafactor_jax.momentum import EmaMomentumState
+from adafactor_jax.momentum import EmaMomentumState, dequantize, quantize
 
 
 class _Source(NamedTuple):
@@ -172,8 +172,19 @@ def _read_source(source_state: Any, params: Any, b1: Any, b2: Any) -> _Source:
   momenta = _nodes(source_state, _UPDATE_MOMENTUM_TYPES)
   first = None
   if momenta:
-    field = lambda n: n.ema if isinstance(n, optax.EmaState) else n.momentum  # noqa: E731
-    first = _merged([flat(field(n), "momentum") for n in momenta], paths, "momenta")
+
+    def values(node: Any) -> list[Any]:
+      if isinstance(node, optax.EmaState):
+        return flat(node.ema, "momentum")
+      stored = flat(node.momentum, "momentum")
+      if node.scale is None:
+        return stored
+      return [  # int8, with its block scales
+        m if _is_missing(m) else dequantize(m, s)
+        for m, s in zip(stored, flat(node.scale, "momentum scales"), strict=True)
+      ]
+
+    first = _merged([values(n) for n in momenta], paths, "momenta")
     _check_leaves("momentum", first, param_leaves, paths)
   return _Source(count, second, first, first_is_update=True)
 
@@ -288,7 +299,14 @@ def _convert(
         t if _is_missing(t) else _source_momentum(source_momenta[i], paths[i]).astype(t.dtype)
         for i, t in enumerate(targets)
       ]
-      return EmaMomentumState(treedef.unflatten(new))
+      if node.scale is None:
+        return EmaMomentumState(treedef.unflatten(new))
+      # int8: the momentum quantized, with its block scales.
+      scales = treedef.flatten_up_to(node.scale)
+      for i, t in enumerate(targets):
+        if not _is_missing(t):
+          new[i], scales[i] = quantize(_source_momentum(source_momenta[i], paths[i]))
+      return EmaMomentumState(treedef.unflatten(new), treedef.unflatten(scales))
 
     return _replace_nodes(state, EmaMomentumState, copied)
 
