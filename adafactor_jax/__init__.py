@@ -9,6 +9,7 @@ from adafactor_jax.factored import (
   default_factor_dims,
   scale_by_factored_rms,
 )
+from adafactor_jax.fused import FusedState, FusedTrainStep, fused_train_step
 from adafactor_jax.momentum import EmaMomentumState, ema_momentum
 from adafactor_jax.nonfinite import SkipNonfiniteState, skip_nonfinite
 from adafactor_jax.rounding import StochasticRoundingState, stochastic_round, stochastic_rounding
@@ -23,6 +24,8 @@ __all__ = [
   "STANDARD_FACTOR_RULES",
   "EmaMomentumState",
   "FactorAxes",
+  "FusedState",
+  "FusedTrainStep",
   "ScaleByFactoredRmsState",
   "SkipNonfiniteState",
   "StochasticRoundingState",
@@ -31,6 +34,7 @@ __all__ = [
   "decay_rate_pow",
   "default_factor_dims",
   "ema_momentum",
+  "fused_train_step",
   "logical_factor_dims",
   "presets",
   "relative_step_size",
