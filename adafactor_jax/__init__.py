@@ -10,7 +10,7 @@ from adafactor_jax.factored import (
   scale_by_factored_rms,
 )
 from adafactor_jax.fused import FusedState, FusedTrainStep, fused_train_step
-from adafactor_jax.momentum import EmaMomentumState, ema_momentum
+from adafactor_jax.momentum import EmaMomentumState, Int8MomentumState, ema_momentum
 from adafactor_jax.nonfinite import SkipNonfiniteState, skip_nonfinite
 from adafactor_jax.rounding import StochasticRoundingState, stochastic_round, stochastic_rounding
 from adafactor_jax.scaling import scale_by_parameter_scale
@@ -26,6 +26,7 @@ __all__ = [
   "FactorAxes",
   "FusedState",
   "FusedTrainStep",
+  "Int8MomentumState",
   "ScaleByFactoredRmsState",
   "SkipNonfiniteState",
   "StochasticRoundingState",

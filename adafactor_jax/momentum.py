@@ -28,16 +28,22 @@ _INT8_MAX = 127.0  # Symmetric: -128 is never used, so that negation is exact.
 
 
 class EmaMomentumState(NamedTuple):
-  """State of :func:`ema_momentum`: one buffer per parameter.
+  """State of :func:`ema_momentum`: one buffer per parameter."""
 
-  With ``momentum_dtype=int8``, ``momentum`` holds int8 values and ``scale``
-  the float32 step of each block's grid (see :func:`ema_momentum`), shaped as
-  the parameter with its last axis counting blocks; otherwise ``scale`` is
-  None (no leaves).
+  momentum: optax.Updates
+
+
+class Int8MomentumState(NamedTuple):
+  """State of :func:`ema_momentum` with ``momentum_dtype=int8``.
+
+  ``momentum`` holds each parameter's int8 values, ``scale`` the float32 step of each
+  block's grid, shaped as the parameter with its last axis counting blocks of 32 (or
+  size 1, one block per row, when the last axis is not a multiple of 32). A separate
+  type, so that :class:`EmaMomentumState`, and checkpoints of it, keep their structure.
   """
 
   momentum: optax.Updates
-  scale: optax.Updates = None
+  scale: optax.Updates
 
 
 def momentum_dtype_or_error(momentum_dtype: Any) -> jnp.dtype:
@@ -162,7 +168,8 @@ def ema_momentum(
   is cut into blocks of 32 elements (one block when its size is not a multiple
   of 32), each stored as int8 values :math:`q` and a float32 scale
   :math:`s = \max_\text{block}|M| / 127` in ``state.scale``, and
-  :math:`M = q\,s` (round to nearest, so within :math:`s/2`). The blocks lie
+  :math:`M = q\,s` (round to nearest, so within :math:`s/2`); the state is then an
+  :class:`Int8MomentumState`. The blocks lie
   along the last axis only, and so inside one shard whenever the shards along
   it hold a multiple of 32 elements; the scales, shaped as the parameter with
   its last axis counting blocks, are sharded like it. The buffer costs 1 byte
@@ -178,14 +185,14 @@ def ema_momentum(
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is
-    :class:`EmaMomentumState`. (Its only extra argument is the private probe of
-    :func:`adafactor_jax.warm_start_state`.)
+    :class:`EmaMomentumState` (:class:`Int8MomentumState` for int8). (Its only extra
+    argument is the private probe of :func:`adafactor_jax.warm_start_state`.)
   """
   _checks.check_scalar("momentum", momentum, low=0.0, high=1.0, high_open=True)
   momentum_dtype = momentum_dtype_or_error(momentum_dtype)
   quantized = momentum_dtype == INT8
 
-  def init_fn(params: optax.Params) -> EmaMomentumState:
+  def init_fn(params: optax.Params) -> EmaMomentumState | Int8MomentumState:
     def buffer(path: jax.tree_util.KeyPath, param: Any) -> jax.Array:
       return _checks.zeros_like_param(param, _buffer_dtype(path, param, momentum_dtype))
 
@@ -196,14 +203,14 @@ def ema_momentum(
     scales = jax.tree.map(
       lambda param: jnp.max(_blocks(_checks.zeros_like_param(param)), -1), params
     )
-    return EmaMomentumState(buffers, scales)
+    return Int8MomentumState(buffers, scales)
 
   def update_fn(
     updates: optax.Updates,
-    state: EmaMomentumState,
+    state: Any,
     params: optax.Params | None = None,
     **extra_args: Any,
-  ) -> tuple[optax.Updates, EmaMomentumState]:
+  ) -> tuple[optax.Updates, EmaMomentumState | Int8MomentumState]:
     del params
     probe = _probe.find(extra_args)
     decay = momentum
@@ -232,8 +239,10 @@ def ema_momentum(
       stored = jax.lax.optimization_barrier(
         jax.tree.map(lambda n, m: n.astype(m.dtype), new, state.momentum)
       )
-      scale, values = None, stored
+      values = stored
     updates = jax.tree.map(lambda m, u: m.astype(u.dtype), values, updates)
-    return updates, EmaMomentumState(stored, scale)
+    if quantized:
+      return updates, Int8MomentumState(stored, scale)
+    return updates, EmaMomentumState(stored)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -160,7 +160,7 @@ def int8_momentum_check(host, grads, shardings, mesh) -> dict:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
     predicted = adafactor_jax.state_shardings(tx, params=abstract, param_shardings=shardings)
     compiled = jax.jit(step).lower(params, state, jax.device_put(grads[0], shardings)).compile()
-    (index,) = [i for i, n in enumerate(state) if isinstance(n, adafactor_jax.EmaMomentumState)]
+    (index,) = [i for i, n in enumerate(state) if isinstance(n, adafactor_jax.Int8MomentumState)]
     init = state[index]._asdict()
     for g in grads:
       params, state = compiled(params, state, jax.device_put(g, shardings))

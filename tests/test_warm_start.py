@@ -573,16 +573,18 @@ def test_switching_from_adamw_warm_continues_the_run_and_cold_falls_behind():
   assert np.max(np.abs(warm - continued)) < np.max(np.abs(cold - continued))
 
 
-def _momentum_node(state) -> adafactor_jax.EmaMomentumState:
+def _momentum_node(state) -> adafactor_jax.Int8MomentumState:
   (node,) = [
     n
-    for n in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, adafactor_jax.EmaMomentumState))
-    if isinstance(n, adafactor_jax.EmaMomentumState)
+    for n in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, adafactor_jax.Int8MomentumState)
+    )
+    if isinstance(n, adafactor_jax.Int8MomentumState)
   ]
   return node
 
 
-def _within_half_a_grid_step(node: adafactor_jax.EmaMomentumState, expected: dict) -> None:
+def _within_half_a_grid_step(node: adafactor_jax.Int8MomentumState, expected: dict) -> None:
   """int8 momentum holds ``expected`` rounded to its block grids (32 along the last axis)."""
   for k, want in expected.items():
     stored = np.asarray(dequantize(node.momentum[k], node.scale[k]), np.float64)
@@ -614,7 +616,7 @@ def test_int8_momentum_is_the_float32_warm_start_quantized_and_reads_back_as_its
     np.testing.assert_array_equal(back[k], dequantize(node.momentum[k], node.scale[k]))
   # int8 to int8: the same values; the scales, re-taken from 127 q s, within a float32 rounding.
   again = warm_start_state(int8, params=params, source_state=int8_source)
-  assert_bit_identical(_momentum(again), node.momentum, "int8 values")
+  assert_bit_identical(_momentum_node(again).momentum, node.momentum, "int8 values")
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-7, atol=0),
     _momentum_node(again).scale,
