@@ -10,7 +10,8 @@ from adafactor_jax.factored import (
   default_factor_dims,
   scale_by_factored_rms,
 )
-from adafactor_jax.momentum import EmaMomentumState, ema_momentum
+from adafactor_jax.fused import FusedState, FusedTrainStep, fused_train_step
+from adafactor_jax.momentum import EmaMomentumState, Int8MomentumState, ema_momentum
 from adafactor_jax.nonfinite import SkipNonfiniteState, skip_nonfinite
 from adafactor_jax.rounding import StochasticRoundingState, stochastic_round, stochastic_rounding
 from adafactor_jax.scaling import scale_by_parameter_scale
@@ -24,6 +25,9 @@ __all__ = [
   "STANDARD_FACTOR_RULES",
   "EmaMomentumState",
   "FactorAxes",
+  "FusedState",
+  "FusedTrainStep",
+  "Int8MomentumState",
   "ScaleByFactoredRmsState",
   "SkipNonfiniteState",
   "StochasticRoundingState",
@@ -33,6 +37,7 @@ __all__ = [
   "decay_rate_pow",
   "default_factor_dims",
   "ema_momentum",
+  "fused_train_step",
   "logical_factor_dims",
   "presets",
   "relative_step_size",

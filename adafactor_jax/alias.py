@@ -207,7 +207,8 @@ def adafactor(
       ``learning_rate=None``.
     momentum: :math:`\beta_1 \in [0, 1)`, or None for no first moment (and no
       memory for it).
-    momentum_dtype: dtype of the momentum buffer (float32; bfloat16 halves it).
+    momentum_dtype: dtype of the momentum buffer (float32; bfloat16 halves it; int8
+      quarters it, plus a float32 scale per 32 elements: see :func:`ema_momentum`).
     weight_decay_rate: decoupled weight decay rate >= 0 (float or schedule), or
       None; not multiplied by the step size (step 6).
     weight_decay_mask: a tree of bools (or a callable of the params giving

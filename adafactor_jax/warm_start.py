@@ -11,7 +11,7 @@ import optax
 
 from adafactor_jax import _checks, _probe
 from adafactor_jax.factored import _TINY, ScaleByFactoredRmsState, _factored_axes
-from adafactor_jax.momentum import EmaMomentumState
+from adafactor_jax.momentum import EmaMomentumState, Int8MomentumState, dequantize, quantize
 
 
 class _Source(NamedTuple):
@@ -31,7 +31,8 @@ class _Source(NamedTuple):
 
 
 _SOURCE_TYPES = (optax.ScaleByAdamState, optax.FactoredState, ScaleByFactoredRmsState)
-_UPDATE_MOMENTUM_TYPES = (optax.EmaState, EmaMomentumState)
+_MOMENTUM_TYPES = (EmaMomentumState, Int8MomentumState)
+_UPDATE_MOMENTUM_TYPES = (optax.EmaState, *_MOMENTUM_TYPES)
 _INJECTED_TYPES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 
 
@@ -172,8 +173,19 @@ def _read_source(source_state: Any, params: Any, b1: Any, b2: Any) -> _Source:
   momenta = _nodes(source_state, _UPDATE_MOMENTUM_TYPES)
   first = None
   if momenta:
-    field = lambda n: n.ema if isinstance(n, optax.EmaState) else n.momentum  # noqa: E731
-    first = _merged([flat(field(n), "momentum") for n in momenta], paths, "momenta")
+
+    def values(node: Any) -> list[Any]:
+      if isinstance(node, optax.EmaState):
+        return flat(node.ema, "momentum")
+      stored = flat(node.momentum, "momentum")
+      if not isinstance(node, Int8MomentumState):
+        return stored
+      return [  # int8, with its block scales
+        m if _is_missing(m) else dequantize(m, s)
+        for m, s in zip(stored, flat(node.scale, "momentum scales"), strict=True)
+      ]
+
+    first = _merged([values(n) for n in momenta], paths, "momenta")
     _check_leaves("momentum", first, param_leaves, paths)
   return _Source(count, second, first, first_is_update=True)
 
@@ -276,21 +288,28 @@ def _convert(
   state = _replace_nodes(
     state, ScaleByFactoredRmsState, lambda n: _warm_statistics(n, source, treedef, paths)
   )
-  momenta = _nodes(state, EmaMomentumState)
+  momenta = _nodes(state, _MOMENTUM_TYPES)
   if not momenta or source.first is None:
     return state
   if source.first_is_update:
     source_momenta = source.first
 
-    def copied(node: EmaMomentumState) -> EmaMomentumState:
+    def copied(node: Any) -> Any:
       targets = treedef.flatten_up_to(node.momentum)
       new = [
         t if _is_missing(t) else _source_momentum(source_momenta[i], paths[i]).astype(t.dtype)
         for i, t in enumerate(targets)
       ]
-      return EmaMomentumState(treedef.unflatten(new))
+      if isinstance(node, EmaMomentumState):
+        return EmaMomentumState(treedef.unflatten(new))
+      # int8: the momentum quantized, with its block scales.
+      scales = treedef.flatten_up_to(node.scale)
+      for i, t in enumerate(targets):
+        if not _is_missing(t):
+          new[i], scales[i] = quantize(_source_momentum(source_momenta[i], paths[i]))
+      return Int8MomentumState(treedef.unflatten(new), treedef.unflatten(scales))
 
-    return _replace_nodes(state, EmaMomentumState, copied)
+    return _replace_nodes(state, _MOMENTUM_TYPES, copied)
 
   # An average of gradients: the momentum is tx's update of it, with the warm
   # statistics held as they are (see the docstring).
@@ -306,8 +325,8 @@ def _convert(
       "ema_momentum (a wrapper that drops them?), so the momentum cannot be computed "
       "from source_state's first moment."
     )
-  new_momenta = iter(_nodes(probed, EmaMomentumState))
-  return _replace_nodes(state, EmaMomentumState, lambda _: next(new_momenta))
+  new_momenta = iter(_nodes(probed, _MOMENTUM_TYPES))
+  return _replace_nodes(state, _MOMENTUM_TYPES, lambda _: next(new_momenta))
 
 
 def _source_momentum(momentum: Any, path: str) -> jax.Array:

@@ -8,9 +8,11 @@ Usage::
 A region is the text between ``<!-- generated from SOURCE -->`` and
 ``<!-- end generated -->``. SOURCE is a result file, relative to the repository:
 a ``.md`` table, inserted as it is (``adafactor-compare`` writes them next to
-its JSON), or ``benchmarks/results/results.json`` (``python -m benchmarks.run``
-writes it), which gives the speed and memory table. ``tests/test_readme.py``
-fails when a region differs from what its file gives.
+its JSON), ``benchmarks/results/results.json`` (``python -m benchmarks.run``
+writes it), which gives the speed and memory table, or
+``benchmarks/results/memory.json`` (``python -m benchmarks.memory``), the
+largest-model table. ``tests/test_readme.py`` fails when a region differs from
+what its file gives.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import re
 import sys
 from pathlib import Path
 
-from benchmarks import run
+from benchmarks import memory, run
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -35,6 +37,8 @@ def render(source: str) -> str:
   path = ROOT / source
   if path.suffix == ".md":
     return path.read_text().strip() + "\n"
+  if path.name == "memory.json":
+    return memory.readme_table(json.loads(path.read_text())) + "\n"
   if path.suffix == ".json":
     return run.readme_table(json.loads(path.read_text())) + "\n"
   raise ValueError(f"{source}: a generated region's source must be a .md or .json result file.")

@@ -56,6 +56,9 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
   "adafactor_jax_bf16_momentum": lambda: adafactor_jax.adafactor(
     learning_rate=1e-2, momentum=0.9, momentum_dtype=jnp.bfloat16
   ),
+  "adafactor_jax_int8_momentum": lambda: adafactor_jax.adafactor(
+    learning_rate=1e-2, momentum=0.9, momentum_dtype=jnp.int8
+  ),
   "optax_adafactor": lambda: optax.adafactor(1e-2),
   "optax_adamw": lambda: optax.adamw(1e-3),
   "sgd": sgd,
@@ -75,6 +78,7 @@ BUFFERS = {
   "adafactor_jax": 1.1,
   "adafactor_jax_telemetry": 1.1,
   "adafactor_jax_bf16_momentum": 1.6,
+  "adafactor_jax_int8_momentum": 1.4,
   "optax_adafactor": 3.0,
   "optax_adamw": 3.0,
   "sgd": 1.0,
@@ -361,6 +365,7 @@ LABELS = {
   "adafactor_jax": "**adafactor_jax**",
   "adafactor_jax_telemetry": "adafactor_jax, telemetry on",
   "adafactor_jax_bf16_momentum": "adafactor_jax, bf16 momentum",
+  "adafactor_jax_int8_momentum": "adafactor_jax, int8 momentum",
   "optax_adafactor": "optax.adafactor",
   "optax_adamw": "optax.adamw",
   "sgd": "SGD",

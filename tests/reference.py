@@ -27,6 +27,20 @@ def _abs2(x: np.ndarray) -> np.ndarray:
   return (x * np.conj(x)).real
 
 
+def int8_round_trip(m: np.ndarray, block: int = 32) -> np.ndarray:
+  """m as int8 momentum stores it: per block of ``block`` elements along the last
+  axis (one block when that axis is not a multiple of it), values rounded to the
+  grid of max|m| / 127 (to nearest even), in float64."""
+  shape = m.shape
+  n = shape[-1] if shape else 1
+  size = block if n % block == 0 else n
+  blocks = m.reshape(*shape[:-1], n // size, size)
+  absmax = np.max(np.abs(blocks), -1, keepdims=True)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    q = np.where(absmax > 0, np.round(127 * blocks / absmax), 0.0)
+  return (q * (absmax / 127)).reshape(shape)
+
+
 def two_largest_axes(shape, min_dim_size_to_factor):
   """Two largest dims (later axis wins a tie), if the smaller is large enough."""
   if len(shape) < 2:
@@ -161,6 +175,8 @@ class Reference:
           # As the library documents: float32 arithmetic, rounded once, and the
           # parameters move by the momentum as stored.
           new_m = new_m.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+        elif o.momentum_dtype == "int8":
+          new_m = int8_round_trip(new_m)
         leaf.m = u = new_m
       if o.weight_decay_rate is not None and (o.weight_decay_mask or {}).get(name, True):
         wd = o.weight_decay_rate(t - 1) if callable(o.weight_decay_rate) else o.weight_decay_rate

@@ -121,6 +121,7 @@ def check(mesh_shape, axis_type, layout) -> dict:
       params, state = compiled(params, state, jax.device_put(g, shardings))
   got = jax.device_get(params)
   return {
+    **int8_momentum_check(host, grads, shardings, mesh),
     **skip_nonfinite_check(tx, params, state, grads[0], shardings, mesh),
     "init": {k: spec_list(x.sharding) for k, x in named_leaves(init_state).items()},
     "predicted": {k: spec_list(s) for k, s in named_leaves(predicted).items()},
@@ -130,6 +131,49 @@ def check(mesh_shape, axis_type, layout) -> dict:
     "state_bytes_device0": per_device_bytes(init_state),
     "collectives": collectives(update_hlo),
     "max_relative_error": max(
+      float(np.max(np.abs(got[k] - expected[k])) / max(np.max(np.abs(expected[k])), 1e-30))
+      for k in SHAPES
+    ),
+  }
+
+
+def int8_momentum_check(host, grads, shardings, mesh) -> dict:
+  """int8 momentum: where its values and block scales live, what the update communicates,
+  and the steps against the same steps on one device."""
+  tx = adafactor_jax.adafactor(
+    1e-2,
+    momentum=0.9,
+    momentum_dtype="int8",
+    factor_dims=adafactor_jax.logical_factor_dims(AXES),
+  )
+
+  def step(params, state, grad):
+    updates, state = tx.update(grad, state, params)
+    return optax.apply_updates(params, updates), state
+
+  params, state = host, tx.init(host)
+  for g in grads:
+    params, state = jax.jit(step)(params, state, g)
+  expected = jax.device_get(params)
+  params = jax.device_put(host, shardings)
+  with jax.set_mesh(mesh):
+    state = jax.jit(tx.init)(params)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
+    predicted = adafactor_jax.state_shardings(tx, params=abstract, param_shardings=shardings)
+    compiled = jax.jit(step).lower(params, state, jax.device_put(grads[0], shardings)).compile()
+    (index,) = [i for i, n in enumerate(state) if isinstance(n, adafactor_jax.Int8MomentumState)]
+    init = state[index]._asdict()
+    for g in grads:
+      params, state = compiled(params, state, jax.device_put(g, shardings))
+  got = jax.device_get(params)
+  return {
+    "int8_init": {k: spec_list(x.sharding) for k, x in named_leaves(init).items()},
+    "int8_shapes": {k: list(x.shape) for k, x in named_leaves(init).items()},
+    "int8_predicted": {
+      k: spec_list(x) for k, x in named_leaves(predicted[index]._asdict()).items()
+    },
+    "int8_collectives": collectives(compiled.as_text()),
+    "int8_max_relative_error": max(
       float(np.max(np.abs(got[k] - expected[k])) / max(np.max(np.abs(expected[k])), 1e-30))
       for k in SHAPES
     ),

@@ -85,6 +85,8 @@ def _optax_step(tx, params, state, grads):
 CONFIGS = {
   "defaults": ({}, jnp.float32),
   "momentum_bf16": ({"momentum": 0.9, "momentum_dtype": jnp.bfloat16}, jnp.bfloat16),
+  # int8 values and their float32 block scales, both in the state.
+  "momentum_int8": ({"momentum": 0.9, "momentum_dtype": jnp.int8}, jnp.float32),
   "skip_nonfinite": ({"skip_nonfinite": True}, jnp.float32),
   # The PRNG key in the state must come back too, or the resumed rounding differs.
   "stochastic_rounding_bf16": ({"stochastic_rounding": True, "rounding_seed": 3}, jnp.bfloat16),
@@ -123,10 +125,15 @@ def test_orbax_round_trip_is_bit_exact_and_training_resumes_identically(name, tm
   for leaf in jax.tree.leaves(params):
     assert leaf.dtype == dtype
   if kwargs.get("momentum"):
-    (momentum,) = _find(state, adafactor_jax.EmaMomentumState)
+    int8 = kwargs["momentum_dtype"] == jnp.int8
+    kind = adafactor_jax.Int8MomentumState if int8 else adafactor_jax.EmaMomentumState
+    (momentum,) = _find(state, kind)
     for leaf in jax.tree.leaves(momentum.momentum):
-      assert leaf.dtype == jnp.bfloat16
+      assert leaf.dtype == kwargs["momentum_dtype"]
       assert np.any(np.asarray(leaf, np.float32) != 0)
+    if int8:
+      assert momentum.scale["kernel"].shape == (256, 6)  # 192 = 6 blocks of 32
+      assert all(np.all(np.asarray(s) > 0) for s in jax.tree.leaves(momentum.scale))
   if skip:
     assert isinstance(state, adafactor_jax.SkipNonfiniteState)
     assert int(state.skipped_steps) == 1

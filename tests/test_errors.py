@@ -188,9 +188,11 @@ def test_numpy_bools_accepted_as_flags(value):
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
 
 
-@pytest.mark.parametrize("dtype", [jnp.int32, np.int8, "int32", "not-a-dtype", bool, jnp.complex64])
-def test_momentum_dtype_not_float(dtype):
-  with _raises("momentum_dtype", "must be a floating dtype"):
+@pytest.mark.parametrize(
+  "dtype", [jnp.int32, np.uint8, jnp.int16, "int32", "not-a-dtype", bool, jnp.complex64]
+)
+def test_momentum_dtype_not_float_or_int8(dtype):
+  with _raises("momentum_dtype", "must be a floating dtype (float32, bfloat16, ...) or int8"):
     adafactor_jax.adafactor(momentum=0.9, momentum_dtype=dtype)
 
 
