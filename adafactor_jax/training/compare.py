@@ -2,7 +2,7 @@
 
 Usage::
 
-  adafactor-compare [--suite default|paper] [--workdir runs/compare] [--num_steps N]
+  adafactor-compare [--suite default|paper|switch|fair] [--workdir runs/compare] [--num_steps N]
                     [--noprogress] [--config.<key>=<value> ...]
   python -m adafactor_jax.training.compare ...      # the same
 
@@ -14,6 +14,9 @@ Suites:
 * ``switch``: AdamW for the whole job, and from its halfway checkpoint Adafactor at the
   paper's defaults, started cold and warm (``--config.optimizer.switch_from``): the jump in
   train loss after the switch, against AdamW going on.
+* ``fair``: every optimizer under one protocol (:mod:`adafactor_jax.training.sweep`):
+  learning-rate sweeps extended until bracketed, the best rerun on 3 seeds, the band of
+  near-best learning rates; Adafactor at the paper's defaults as the untuned reference.
 
 ``--config.<key>=<value>`` sets a key of every run's config, as for
 ``adafactor-train``. Each run has its own workdir under ``--workdir``;
@@ -33,7 +36,7 @@ from typing import Any
 from absl import flags
 from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
 
-from adafactor_jax.training import input_pipeline, train
+from adafactor_jax.training import input_pipeline, sweep, train
 from adafactor_jax.training import main as main_lib
 from adafactor_jax.training.config import ConfigError, set_config_value
 from adafactor_jax.training.configs import adamw, big_vision, default, paper
@@ -42,7 +45,7 @@ ADAMW_LEARNING_RATES = (1e-3, 3e-3, 1e-2)
 PAPER_STEPS = 300
 SWITCH_WINDOW = 50
 """Steps before and after the switch over which the switch suite measures the loss's jump."""
-SUITES = ("default", "paper", "switch")
+SUITES = ("default", "paper", "switch", "fair")
 
 
 def suite_configs(suite: str) -> dict[str, Any]:
@@ -86,14 +89,14 @@ def run_suite(
   """Trains every run of a suite (resuming where a workdir has one) and returns their results.
 
   Args:
-    suite: "default" or "paper".
+    suite: one of SUITES.
     workdir: each run goes to ``<workdir>/<suite>/<run name>``.
     num_steps: if given, every run's length (warmups shrink to fit).
     progress: show progress bars and summaries.
     overrides: dotted config keys set on every run, e.g. ``{"model.d_model": 32}``.
   """
-  results = []
-  for name, config in suite_configs(suite).items():
+
+  def configure(config: Any) -> None:
     for key, value in (overrides or {}).items():
       set_config_value(config, key, value)
     if num_steps is not None:  # short runs, for smoke tests: warmups shrink to fit
@@ -102,6 +105,8 @@ def run_suite(
       config.log_every = math.gcd(config.checkpoint_every, config.log_every)
       config.eval_every = min(config.eval_every, num_steps)
       config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, num_steps // 5)
+
+  def run(config: Any, name: str) -> dict[str, Any]:
     if progress:
       print(f"\n=== {suite}/{name}", flush=True)
     run_dir = os.path.join(workdir, suite, name)
@@ -112,7 +117,14 @@ def run_suite(
       curve = [json.loads(line) for line in f]
     eval_curve = [(r["step"], r["eval_loss"]) for r in curve if "eval_loss" in r]
     train_curve = [(r["step"], r["train_loss"]) for r in curve if "train_loss" in r]
-    results.append({"name": name, **summary, "eval_curve": eval_curve, "train_curve": train_curve})
+    return {"name": name, **summary, "eval_curve": eval_curve, "train_curve": train_curve}
+
+  if suite == "fair":
+    return sweep.run_protocol(run, configure)
+  results = []
+  for name, config in suite_configs(suite).items():
+    configure(config)
+    results.append(run(config, name))
   return results
 
 
@@ -235,6 +247,9 @@ def chart(results: list[dict[str, Any]], path: str, title: str) -> None:
   fig.savefig(path, dpi=100)
 
 
+RENDERERS = {"switch": (switch_table, switch_chart), "fair": (sweep.table, sweep.chart)}
+"""A suite's table and chart, where they are not :func:`table` and :func:`chart`."""
+
 PROG = "adafactor-compare"
 
 
@@ -269,10 +284,11 @@ def main(argv: list[str] | None = None) -> int:
   with open(base + ".json", "w") as f:
     json.dump(results, f, indent=2)
   title = f"suite {suite!r}: {results[0]['steps']} steps"
-  text = switch_table(results) if suite == "switch" else table(results)
+  render, draw = RENDERERS.get(suite, (table, chart))
+  text = render(results)
   with open(base + ".md", "w") as f:
     f.write(text + "\n")
-  (switch_chart if suite == "switch" else chart)(results, base + ".png", title)
+  draw(results, base + ".png", title)
   print("\n" + text)
   print(f"\nwrote {base}.json, {base}.md and {base}.png")
   return 0

@@ -147,7 +147,7 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
   _check_switch(config.optimizer)
 
 
-OPTIMIZERS = ("adafactor", "big_vision", "t5x", "adamw")
+OPTIMIZERS = ("adafactor", "big_vision", "t5x", "adamw", "optax_adafactor")
 
 
 def _check_switch(opt: ml_collections.ConfigDict) -> None:

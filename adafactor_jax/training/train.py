@@ -49,7 +49,7 @@ from tqdm import tqdm
 import adafactor_jax
 from adafactor_jax._checks import path_name
 from adafactor_jax.training import input_pipeline, partitioning
-from adafactor_jax.training.config import ConfigError, dtype, flatten, resolve_config
+from adafactor_jax.training.config import OPTIMIZERS, ConfigError, dtype, flatten, resolve_config
 from adafactor_jax.training.model import TransformerLM
 
 # Keys whose change makes an existing workdir's checkpoints a different run.
@@ -215,14 +215,27 @@ def _create_optimizer(
       momentum=opt.momentum,
       factor_dims=factor_dims,
     )
+  if opt.name == "optax_adafactor":  # the anchor users have today, for the comparison
+    if lr is None:
+      raise ConfigError("config key 'optimizer.learning_rate' is required for optax_adafactor.")
+    return optax.adafactor(
+      learning_rate=lr,
+      min_dim_size_to_factor=opt.min_dim_size_to_factor,
+      decay_rate=opt.decay_rate,
+      decay_offset=opt.decay_offset,
+      multiply_by_parameter_scale=opt.multiply_by_parameter_scale,
+      clipping_threshold=opt.clipping_threshold,
+      momentum=opt.momentum,
+      dtype_momentum=dtype("optimizer.momentum_dtype", opt.momentum_dtype),
+      weight_decay_rate=_adamw_style_decay(opt, lr),
+      eps=opt.epsilon1,
+      factored=opt.factored,
+    )
   if opt.name == "adamw":
     if lr is None:
       raise ConfigError("config key 'optimizer.learning_rate' is required for adamw.")
     return optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay or 0.0)
-  raise ConfigError(
-    f"config key 'optimizer.name' must be 'adafactor', 'big_vision', 't5x' or 'adamw', got "
-    f"{opt.name!r}."
-  )
+  raise ConfigError(f"config key 'optimizer.name' must be one of {OPTIMIZERS}, got {opt.name!r}.")
 
 
 def switched_state(

@@ -1,0 +1,182 @@
+"""The fair comparison protocol (adafactor-compare --suite fair): bracketing, seeds, the band."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from adafactor_jax.training import compare, sweep, train
+from adafactor_jax.training import config as config_lib
+from adafactor_jax.training.configs import default
+from tests.training.test_train import TINY
+
+OPTIMUM = {  # a best learning rate per row, some far from the row's first grid
+  "adafactor": 2e-2,
+  "adafactor_bf16_momentum": 8e-2,  # a point above the first grid (2e-2 x 2^[-1, 1])
+  "big_vision": 3e-3 / 16,  # three below it
+  "adamw_b2_0.95": 4e-3,
+  "adamw_b2_0.999": 8e-3,
+  "optax_adafactor": 4e-2,
+}
+DIVERGES_ABOVE = 0.5
+
+
+def fake_loss(row: str, learning_rate: float | None, seed: int) -> float:
+  """A bowl in log2(learning rate) around the row's optimum, a little noise per seed."""
+  if learning_rate is None:
+    return 2.0 + seed / 100
+  if learning_rate > DIVERGES_ABOVE:
+    return math.nan
+  floor = 1.55 if row == "adamw_b2_0.999" else 1.5
+  return floor + 0.01 * math.log2(learning_rate / OPTIMUM[row]) ** 2 + seed / 1000
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+  """train_and_evaluate replaced by fake_loss; records each run's config by workdir."""
+  trained = {}
+
+  def fake_train_and_evaluate(config, workdir, progress=True):
+    config = config_lib.resolve_config(config)  # every run's config is valid ...
+    tx = train.create_optimizer(config.optimizer, config.num_steps)  # ... and builds
+    params = {"w": jax.ShapeDtypeStruct((256, 256), np.float32)}
+    assert workdir not in trained
+    trained[workdir] = config
+    row = os.path.basename(os.path.dirname(workdir))
+    loss = fake_loss(
+      row, config.optimizer.learning_rate if row != "adafactor_paper" else None, config.seed
+    )
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+      f.write(json.dumps({"step": config.num_steps, "eval_loss": loss}) + "\n")
+    return {
+      "optimizer": config.optimizer.name,
+      "steps": config.num_steps,
+      "final_train_loss": loss,
+      "final_eval_loss": loss,
+      "optimizer_state_bytes": train.tree_bytes(jax.eval_shape(tx.init, params)),
+      "adamw_state_bytes": train.tree_bytes(jax.eval_shape(optax.adamw(1e-3).init, params)),
+    }
+
+  monkeypatch.setattr(train, "train_and_evaluate", fake_train_and_evaluate)
+  return trained
+
+
+def test_every_sweep_is_extended_until_bracketed_then_its_best_rerun_on_every_seed(
+  fake_training, tmp_path
+):
+  rows = compare.run_suite("fair", str(tmp_path), num_steps=40, progress=False)
+  assert [r["name"] for r in rows] == [row.name for row in sweep.ROWS]
+  by_name = {r["name"]: r for r in rows}
+  for name, optimum in OPTIMUM.items():
+    r = by_name[name]
+    assert r["learning_rate"] == pytest.approx(optimum), name
+    assert r["bracketed"], name
+    lrs = [lr for lr, _ in r["sweep"]]
+    # A factor 2 apart, one point either side of the best at least.
+    assert np.allclose(np.diff(np.log2(lrs)), 1.0), name
+    assert lrs[0] < r["learning_rate"] < lrs[-1], name
+    assert r["seed_losses"] == pytest.approx([fake_loss(name, optimum, s) for s in sweep.SEEDS])
+  # Extended past the first grid only while its best sat at an edge: up to the optimum, then
+  # one point beyond it.
+  assert len(by_name["adafactor"]["sweep"]) == sweep.INITIAL_POINTS
+  assert len(by_name["adafactor_bf16_momentum"]["sweep"]) == sweep.INITIAL_POINTS + 1 + 1
+  assert len(by_name["big_vision"]["sweep"]) == sweep.INITIAL_POINTS + 3 + 1
+  paper = by_name["adafactor_paper"]
+  assert paper["learning_rate"] is None and paper["sweep"] == []
+  assert paper["seed_losses"] == [2.0, 2.01, 2.02]
+  assert paper["mean"] == pytest.approx(2.01) and paper["std"] == pytest.approx(0.01)
+
+  configs = list(fake_training.values())
+  # One protocol: the same steps, data and model for all; warmup then cosine for the tuned.
+  assert {c.num_steps for c in configs} == {40}
+  assert len({json.dumps(c.data.to_dict(), sort_keys=True) for c in configs}) == 1
+  assert len({json.dumps(c.model.to_dict(), sort_keys=True) for c in configs}) == 1
+  tuned = [c for c in configs if c.optimizer.learning_rate is not None]
+  assert {(c.optimizer.schedule, c.optimizer.warmup_steps) for c in tuned} == {("cosine", 2)}
+  assert {c.optimizer.b2 for c in tuned if c.optimizer.name == "adamw"} == {0.95, 0.999}
+  assert {c.optimizer.name for c in configs} == {
+    "adafactor",
+    "big_vision",
+    "adamw",
+    "optax_adafactor",
+  }
+  # Each (row, learning rate, seed) trained once: the seed-0 run at the best is reused.
+  assert len(fake_training) == sum(
+    len(r["sweep"]) + len(sweep.SEEDS) - 1 if r["sweep"] else len(sweep.SEEDS) for r in rows
+  )
+
+
+def test_a_sweep_whose_runs_all_diverge_goes_down_and_stops_at_max_points(tmp_path):
+  row = sweep.Row("adamw_b2_0.95", default.get_config, 1.0)
+  learning_rates = []
+
+  def diverging(config, name):
+    learning_rates.append(config.optimizer.learning_rate)
+    return {
+      "final_eval_loss": math.nan,
+      "optimizer": "adafactor",
+      "steps": 1,
+      "optimizer_state_bytes": 1,
+      "adamw_state_bytes": 8,
+    }
+
+  result = sweep.sweep(row, diverging, lambda config: None)
+  assert len(result["sweep"]) == sweep.MAX_POINTS and not result["bracketed"]
+  assert min(learning_rates) == pytest.approx(2.0 ** -(sweep.MAX_POINTS - 2))
+  assert result["band"] is None
+
+
+def test_the_near_best_band_is_read_off_the_curve_linear_in_log_learning_rate():
+  band = sweep.near_best_band({1.0: 1.1, 2.0: 1.0, 4.0: 1.05, 8.0: math.nan})
+  # 1.02 is 0.2 of the way from 1.0 to 1.1 (towards lr 1), 0.4 of the way to 1.05 (towards 4).
+  assert band["low"] == pytest.approx(2.0 * 2**-0.2)
+  assert band["high"] == pytest.approx(2.0 * 2**0.4)
+  assert band["width"] == pytest.approx(2**0.6) and band["closed"]
+  # Within 2% at the sweep's edge: the band is open there (a lower bound on its width).
+  band = sweep.near_best_band({1.0: 1.01, 2.0: 1.0, 4.0: 1.5})
+  assert band["low"] == 1.0 and not band["closed"]
+  # A diverged neighbour closes the band at the last finite point.
+  band = sweep.near_best_band({1.0: 1.5, 2.0: 1.0, 4.0: math.inf})
+  assert band["high"] == 2.0 and band["closed"]
+
+
+def test_the_cli_writes_the_fair_table_chart_and_json(fake_training, tmp_path, capsys):
+  argv = ["adafactor-compare", "--suite=fair", f"--workdir={tmp_path}", "--num_steps=40"]
+  assert compare.main([*argv, "--noprogress"]) == 0
+  out = capsys.readouterr().out
+  rows = json.loads((tmp_path / "fair.json").read_text())
+  text = sweep.table(rows)
+  assert (tmp_path / "fair.md").read_text() == text + "\n" and text in out
+  assert (tmp_path / "fair.png").read_bytes().startswith(b"\x89PNG")
+  lines = text.splitlines()
+  assert "vs adamw_b2_0.95" in lines[0]  # the better AdamW (lower mean) is the reference
+  cells = {
+    line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]
+  }
+  assert cells["adamw_b2_0.95"][3] == "+0.00%"
+  assert cells["adafactor_paper"][:2] == ["paper's ρ_t", "—"]
+  assert cells["adafactor"][2] == f"{np.mean([1.5, 1.501, 1.502]):.4f} ± {0.001:.4f}"
+  assert cells["adamw_b2_0.999"][-1] == "100.00%"
+
+
+def test_optax_adafactor_trains_in_the_job(tmp_path):
+  """The comparison's anchor row, a real (tiny) run: optax.adafactor through the trainer."""
+  config = default.get_config()
+  for key, value in TINY.items():
+    config_lib.set_config_value(config, key, value)
+  config.optimizer.name, config.optimizer.learning_rate = "optax_adafactor", 1e-2
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  assert summary["optimizer"] == "optax_adafactor" and math.isfinite(summary["final_eval_loss"])
+  # Nothing is factored at this size (dims < 128): one second moment (plus optax's 1-element
+  # placeholders) against AdamW's two moments.
+  assert summary["optimizer_state_bytes"] < 0.51 * summary["adamw_state_bytes"]
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    losses = [r["train_loss"] for r in map(json.loads, f) if "train_loss" in r]
+  assert losses[-1] < losses[0]
