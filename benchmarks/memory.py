@@ -35,7 +35,7 @@ import optax
 
 import adafactor_jax
 from benchmarks import gpt
-from benchmarks.run import sgd
+from benchmarks.run import parse_names, sgd
 
 GIB = 2**30
 BUDGETS = {"16 GiB": 16 * GIB, "80 GiB": 80 * GIB}
@@ -263,16 +263,6 @@ def plot(results: dict[str, Any], path: str) -> None:
   plt.close(fig)
 
 
-def _names(text: str, known: Sequence[str], flag: str, parser: argparse.ArgumentParser) -> list:
-  if text == "all":
-    return list(known)
-  names = [n.strip() for n in text.split(",") if n.strip()]
-  unknown = [n for n in names if n not in known]
-  if unknown or not names:
-    parser.error(f"{flag}: unknown {unknown or text!r}; choose from {', '.join(known)}.")
-  return names
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(
     prog="python -m benchmarks.memory", description=__doc__.split("\n")[0]
@@ -284,10 +274,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "--out", default=os.path.join(os.path.dirname(__file__), "results"), help="output directory"
   )
   args = parser.parse_args(argv)
-  sizes = _names(args.sizes, list(SIZES), "--sizes", parser)
+  sizes = parse_names(args.sizes, list(SIZES), "--sizes", parser)
   sizes.sort(key=lambda s: SIZES[s].params)
-  optimizers = _names(args.optimizers, list(OPTIMIZERS), "--optimizers", parser)
-  dtypes = _names(args.dtypes, ["float32", "bfloat16"], "--dtypes", parser)
+  optimizers = parse_names(args.optimizers, list(OPTIMIZERS), "--optimizers", parser)
+  dtypes = parse_names(args.dtypes, ["float32", "bfloat16"], "--dtypes", parser)
   results = run(sizes, optimizers, dtypes)
   print(readme_table(results))
   os.makedirs(args.out, exist_ok=True)

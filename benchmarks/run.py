@@ -516,9 +516,11 @@ def plot(results: dict[str, Any], path: str) -> None:
   plt.close(fig)
 
 
-def _names(
+def parse_names(
   text: str, known: Sequence[str], flag: str, parser: argparse.ArgumentParser
 ) -> list[str]:
+  if text == "all":
+    return list(known)
   names = [n.strip() for n in text.split(",") if n.strip()]
   unknown = [n for n in names if n not in known]
   if unknown or not names:
@@ -554,8 +556,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "--out", default=os.path.join(os.path.dirname(__file__), "results"), help="output directory"
   )
   args = parser.parse_args(argv)
-  tree_names = _names(args.trees, [*trees_lib.TREES, *trees_lib.EXTRA_TREES], "--trees", parser)
-  optimizers = _names(args.optimizers, ALL_OPTIMIZERS, "--optimizers", parser)
+  tree_names = parse_names(
+    args.trees, [*trees_lib.TREES, *trees_lib.EXTRA_TREES], "--trees", parser
+  )
+  optimizers = parse_names(args.optimizers, ALL_OPTIMIZERS, "--optimizers", parser)
   if args.rounds < 1 or args.steps_per_round < 1 or args.sweep_rounds < 1:
     parser.error("--rounds, --sweep-rounds and --steps-per-round must be >= 1.")
 

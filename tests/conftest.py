@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -127,3 +131,18 @@ def collectives(hlo_text: str) -> list[tuple[str, str]]:
 def named_leaves(tree) -> dict:
   """A tree's leaves by their '/'-joined paths."""
   return {path_name(path): x for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def run_check_script(name: str) -> dict:
+  """Runs tests/<name> (a script that simulates 8 devices, so must own its process) and
+  returns the JSON it prints."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+    [sys.executable, os.path.join(root, "tests", name)],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=root,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout)

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -19,10 +15,8 @@ from jax.sharding import PartitionSpec as P
 
 import adafactor_jax
 from adafactor_jax import FactorAxes, logical_factor_dims
-from tests.conftest import run_optax
+from tests.conftest import run_check_script, run_optax
 from tests.reference import Options, Reference
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --------------------------------------------------------------------------- the rules
 
@@ -242,15 +236,7 @@ def test_state_shardings_on_one_device_place_everything_there():
 @pytest.fixture(scope="module")
 def on_eight_devices():
   """tests/sharded_checks.py's observations, one subprocess for all cases."""
-  result = subprocess.run(
-    [sys.executable, os.path.join(ROOT, "tests", "sharded_checks.py")],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    cwd=ROOT,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout)
+  return run_check_script("sharded_checks.py")
 
 
 CASES = [

@@ -8,11 +8,6 @@ were, and on, it must only add scalars.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,11 +16,10 @@ import pytest
 
 import adafactor_jax
 from adafactor_jax import FactorAxes, TelemetryState, presets
-from tests.conftest import assert_bit_identical, make_grads, make_params
+from tests.conftest import assert_bit_identical, make_grads, make_params, run_check_script
 from tests.readme import code_blocks
 from tests.reference import Options, Reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 5
 # 'stacked' (4, 160, 144) is four layers: statistics, clipping and scale per layer.
 STACKED = [("stacked", FactorAxes(row=(1,), col=(2,), batch=(0,)))]
@@ -352,15 +346,7 @@ def test_telemetry_must_be_a_bool(build):
 @pytest.fixture(scope="module")
 def on_eight_devices():
   """tests/telemetry_sharded_checks.py's observations, one subprocess for all cases."""
-  result = subprocess.run(
-    [sys.executable, os.path.join(ROOT, "tests", "telemetry_sharded_checks.py")],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    cwd=ROOT,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout)
+  return run_check_script("telemetry_sharded_checks.py")
 
 
 @pytest.mark.parametrize("case", ["2x4-auto-model", "2x4-explicit-model"])

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,9 +11,13 @@ import pytest
 import adafactor_jax
 from adafactor_jax import FactorAxes, warm_start_state
 from adafactor_jax.momentum import dequantize
-from tests.conftest import assert_bit_identical, make_grads, make_params, run_optax
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import (
+  assert_bit_identical,
+  make_grads,
+  make_params,
+  run_check_script,
+  run_optax,
+)
 
 
 def _adam_state(params, count: int, seed: int = 0, mu_scale: dict | None = None):
@@ -393,15 +392,7 @@ def test_under_jit_equals_eager():
 
 def test_sharded_params_shard_the_state_like_init():
   """tests/warm_start_sharded_checks.py on 8 simulated devices, in a subprocess."""
-  result = subprocess.run(
-    [sys.executable, os.path.join(ROOT, "tests", "warm_start_sharded_checks.py")],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    cwd=ROOT,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  observed = json.loads(result.stdout)
+  observed = run_check_script("warm_start_sharded_checks.py")
   assert set(observed) == {
     f"{a}-{s}" for a in ("auto", "explicit") for s in ("like-params", "replicated")
   }
