@@ -81,7 +81,14 @@ def test_paper_findings(tmp_path, monkeypatch):
   verdicts = re.findall(r"^\[[123+]\] (reproduced|NOT reproduced) ", text, re.MULTILINE)
   assert len(verdicts) == 10, text
   assert re.search(r"\d+ of 10 claims reproduced after 4 steps\.", text), text
-  assert images == 1, text  # the eval-loss panels, shown after the job switched backends
+  # The telemetry of beta2 = 0.999 against 1 - t^-0.8: a row of figures for each, early and over
+  # the run, then whether the paper's mechanism shows.
+  number = r"\d+\.\d{3}"
+  for label in ("β2 = 0.999", "1 − t\\^−0\\.8"):
+    for steps in ("1-1", "1-4"):
+      assert re.search(rf"^\| {label} \| {steps} \|( {number} \|){{5}}$", text, re.M), (label, text)
+  assert re.search(r"^mechanism (seen|NOT seen): early on, beta2 = 0\.999 ", text, re.M), text
+  assert images == 2, text  # the eval-loss panels, then the telemetry's
 
 
 def test_sharded(tmp_path, monkeypatch):
