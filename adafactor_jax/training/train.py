@@ -434,6 +434,8 @@ class Workdir:
       with open(saved) as f:
         previous_config = ml_collections.ConfigDict(json.load(f))
       previous = flatten(previous_config)
+      # A run from before the key existed recorded none: its state is that of telemetry off.
+      previous.setdefault("optimizer.telemetry", False)
       changed = sorted(
         key
         for key in current.keys() | previous.keys()

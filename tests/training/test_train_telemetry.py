@@ -8,6 +8,7 @@ state restored from the run's checkpoints.
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 from collections import defaultdict
@@ -208,3 +209,19 @@ def test_tensorboard_itself_shows_each_step_once_after_a_resume(resumed):
   accumulator.Reload()
   assert [e.step for e in accumulator.Scalars("loss/train")] == [2, 4, 6, 8]
   assert [e.step for e in accumulator.Scalars("loss/eval")] == [4, 8]
+
+
+def test_a_workdir_from_before_the_key_resumes_with_telemetry_off(run, tmp_path):
+  """Its config.json has no 'optimizer.telemetry' and its state no figures: the key's default
+  (on) would be another run, refused naming the key; off, it is the same run."""
+  workdir = tmp_path / "old"
+  workdir.mkdir()
+  config = json.loads((run / "config.json").read_text())
+  del config["optimizer"]["telemetry"]
+  (workdir / "config.json").write_text(json.dumps(config))
+  current = _config()
+  _, abstract_params = nnx.split(nnx.eval_shape(lambda: train.create_model(current)))
+  with pytest.raises(config_lib.ConfigError, match=r"different config \(optimizer\.telemetry\)"):
+    train.Workdir(str(workdir)).check(current, abstract_params)
+  current.optimizer.telemetry = False
+  assert train.Workdir(str(workdir)).check(current, abstract_params) is None
