@@ -56,6 +56,9 @@ from adafactor_jax.training import input_pipeline, partitioning
 from adafactor_jax.training.config import OPTIMIZERS, ConfigError, dtype, flatten, resolve_config
 from adafactor_jax.training.model import TransformerLM
 
+# The optimizers of optax, which record no telemetry.
+WITHOUT_TELEMETRY = ("adamw", "optax_adafactor")
+
 # Keys whose change makes an existing workdir's checkpoints a different run.
 RUN_DEFINING_KEYS = ("seed", "data", "model", "optimizer")
 
@@ -180,6 +183,12 @@ def _create_optimizer(
 ) -> optax.GradientTransformation:
   # A config.json written before the key existed (the run being switched from) had none.
   telemetry = opt.get("telemetry", False)
+  if telemetry and opt.name in WITHOUT_TELEMETRY:
+    raise ConfigError(
+      "config key 'optimizer.telemetry' asks for this library's figures (adafactor_jax.telemetry);"
+      f" 'optimizer.name' {opt.name!r} records none: pass --config.optimizer.telemetry=False "
+      "(configs/adamw.py does)."
+    )
   if opt.name == "adafactor":
     return adafactor_jax.adafactor(
       learning_rate=lr,
@@ -243,11 +252,6 @@ def _create_optimizer(
   if opt.name == "adamw":
     if lr is None:
       raise ConfigError("config key 'optimizer.learning_rate' is required for adamw.")
-    if telemetry:
-      raise ConfigError(
-        "config key 'optimizer.telemetry' asks for Adafactor's figures (adafactor_jax.telemetry); "
-        "optax.adamw records none: pass --config.optimizer.telemetry=False (configs/adamw.py does)."
-      )
     return optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay or 0.0)
   raise ConfigError(f"config key 'optimizer.name' must be one of {OPTIMIZERS}, got {opt.name!r}.")
 

@@ -417,6 +417,11 @@ BAD_INPUTS = [
     ["'optimizer.telemetry'", "adamw", "--config.optimizer.telemetry=False"],
   ),
   (
+    "telemetry_of_optax_adafactor",
+    ["--config.optimizer.name=optax_adafactor", "--config.optimizer.learning_rate=1e-3"],
+    ["'optimizer.telemetry'", "'optax_adafactor'", "--config.optimizer.telemetry=False"],
+  ),
+  (
     "schedule_without_lr",
     ["--config.optimizer.schedule=cosine"],
     ["'optimizer.schedule'", "'optimizer.learning_rate'"],
