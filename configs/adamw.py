@@ -12,4 +12,5 @@ def get_config():
   config.optimizer.learning_rate = 3e-3
   config.optimizer.schedule = "cosine"
   config.optimizer.warmup_steps = 50
+  config.optimizer.telemetry = False  # optax.adamw records no telemetry
   return config

@@ -74,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   opt.skip_nonfinite = False
   opt.stochastic_rounding = False  # round bfloat16/float16 params stochastically, any optimizer
   opt.rounding_seed = 0
+  # Record the figures each step computes anyway (adafactor_jax.telemetry): RMS(U), clipping,
+  # parameter scale, beta2, step size. Read at log steps only, into metrics.jsonl, optimizer.png
+  # and TensorBoard. The Adafactors only: "adamw" records none (configs/adamw.py sets False).
+  opt.telemetry = True
   opt.b1 = 0.9  # adamw only
   opt.b2 = 0.999  # adamw only
   opt.eps = 1e-8  # adamw only

@@ -1,7 +1,7 @@
 """The training application: trainer, model, input pipeline, comparison and their CLI.
 
 It needs the ``[train]`` extra (flax, orbax-checkpoint, ml_collections, absl-py,
-matplotlib, tqdm): ``pip install 'adafactor-jax[train]'``. The library
+matplotlib, tqdm, tensorboardX): ``pip install 'adafactor-jax[train]'``. The library
 (``adafactor_jax`` itself) never imports it. This module imports nothing of it
 either, so that the console scripts can say which extra is missing.
 """
@@ -12,7 +12,17 @@ import sys
 
 # The top-level modules of the [train] extra's packages.
 TRAIN_EXTRA_MODULES = frozenset(
-  {"flax", "orbax", "ml_collections", "absl", "matplotlib", "tqdm", "etils", "tensorstore"}
+  {
+    "flax",
+    "orbax",
+    "ml_collections",
+    "absl",
+    "matplotlib",
+    "tqdm",
+    "tensorboardX",
+    "etils",
+    "tensorstore",
+  }
 )
 
 

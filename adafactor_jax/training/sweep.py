@@ -78,7 +78,11 @@ ROWS = (
   Row("big_vision", _tuned(big_vision.get_config), 3e-3),
   Row("adamw_b2_0.95", _tuned(adamw.get_config, b2=0.95), 4e-3),
   Row("adamw_b2_0.999", _tuned(adamw.get_config, b2=0.999), 4e-3),
-  Row("optax_adafactor", _tuned(default.get_config, name="optax_adafactor"), 2e-2),
+  Row(
+    "optax_adafactor",
+    _tuned(default.get_config, name="optax_adafactor", telemetry=False),
+    2e-2,
+  ),
 )
 """Adafactor at the paper's defaults (the untuned reference); this library's Adafactor tuned
 (learning rate times the parameter scale, no momentum; with bfloat16 momentum); the Big

@@ -3,10 +3,12 @@
 ``train_and_evaluate`` runs (or resumes) the job in a workdir, on a
 ('data', 'model') mesh over every device of every process (``config.mesh``);
 one device is a mesh of one. The workdir receives ``config.json``,
-``metrics.jsonl`` (train and eval records), ``loss.png``, ``summary.json`` and
-sharded Orbax checkpoints under ``checkpoints/``; on several processes, process
-0 alone writes all but the checkpoints, of which each process writes its own
-shards.
+``metrics.jsonl`` (train and eval records; with ``optimizer.telemetry``, the
+train records also summarize the optimizer's telemetry), ``loss.png``,
+``optimizer.png``, TensorBoard event files under ``tensorboard/``,
+``summary.json`` and sharded Orbax checkpoints under ``checkpoints/``; on several
+processes, process 0 alone writes all but the checkpoints, of which each process
+writes its own shards.
 
 Rerunning with the same workdir resumes from the last complete checkpoint, on
 this mesh or another (the arrays are resharded on restore); the data of step
@@ -21,6 +23,7 @@ once complete, and temporary directories are never restored.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -44,6 +47,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 import adafactor_jax
@@ -51,6 +55,9 @@ from adafactor_jax._checks import path_name
 from adafactor_jax.training import input_pipeline, partitioning
 from adafactor_jax.training.config import OPTIMIZERS, ConfigError, dtype, flatten, resolve_config
 from adafactor_jax.training.model import TransformerLM
+
+# The optimizers of optax, which record no telemetry.
+WITHOUT_TELEMETRY = ("adamw", "optax_adafactor")
 
 # Keys whose change makes an existing workdir's checkpoints a different run.
 RUN_DEFINING_KEYS = ("seed", "data", "model", "optimizer")
@@ -174,6 +181,14 @@ def create_optimizer(
 def _create_optimizer(
   opt: ml_collections.ConfigDict, lr: optax.ScalarOrSchedule | None, factor_dims: Any
 ) -> optax.GradientTransformation:
+  # A config.json written before the key existed (the run being switched from) had none.
+  telemetry = opt.get("telemetry", False)
+  if telemetry and opt.name in WITHOUT_TELEMETRY:
+    raise ConfigError(
+      "config key 'optimizer.telemetry' asks for this library's figures (adafactor_jax.telemetry);"
+      f" 'optimizer.name' {opt.name!r} records none: pass --config.optimizer.telemetry=False "
+      "(configs/adamw.py does)."
+    )
   if opt.name == "adafactor":
     return adafactor_jax.adafactor(
       learning_rate=lr,
@@ -196,6 +211,7 @@ def _create_optimizer(
       skip_nonfinite=opt.skip_nonfinite,
       stochastic_rounding=opt.stochastic_rounding,
       rounding_seed=opt.rounding_seed,
+      telemetry=telemetry,
     )
   if opt.name == "big_vision":
     return adafactor_jax.presets.big_vision(
@@ -206,6 +222,7 @@ def _create_optimizer(
       beta2_cap=opt.beta2_cap,
       min_dim_size_to_factor=opt.min_dim_size_to_factor,
       factor_dims=factor_dims,
+      telemetry=telemetry,
     )
   if opt.name == "t5x":
     lr = lr or adafactor_jax.schedules.rsqrt_decay()  # the preset's own default
@@ -214,6 +231,7 @@ def _create_optimizer(
       weight_decay_rate=_adamw_style_decay(opt, lr),
       momentum=opt.momentum,
       factor_dims=factor_dims,
+      telemetry=telemetry,
     )
   if opt.name == "optax_adafactor":  # the anchor users have today, for the comparison
     if lr is None:
@@ -420,6 +438,8 @@ class Workdir:
       with open(saved) as f:
         previous_config = ml_collections.ConfigDict(json.load(f))
       previous = flatten(previous_config)
+      # A run from before the key existed recorded none: its state is that of telemetry off.
+      previous.setdefault("optimizer.telemetry", False)
       changed = sorted(
         key
         for key in current.keys() | previous.keys()
@@ -531,6 +551,125 @@ def plot_losses(records: list[dict], path: str, title: str) -> None:
   fig.savefig(path, dpi=100)
 
 
+# --------------------------------------------------------------------------- telemetry
+
+
+RMS_UPDATE = "rms_update_before_clipping"
+CLIPPING_DENOMINATOR = "clipping_denominator"
+PER_STEP_FIGURES = ("step_size", "beta2", "skipped_steps")
+
+
+def optimizer_aggregates(figures: dict[str, Any], param_sizes: dict[str, int]) -> dict[str, float]:
+  """The run-level summary of ``adafactor_jax.telemetry(opt_state)``, for metrics.jsonl.
+
+  ``clipped_fraction`` is the share of parameters (slices, where batch axes give
+  one figure per layer) whose update was clipped, a clipping denominator
+  above 1; ``clipped_fraction_by_size`` the same share weighted by their
+  elements (``param_sizes``: elements of each parameter by path); both only
+  where clipping is on. ``rms_update_max`` and ``rms_update_median`` are over
+  the same slices, of RMS(U) before clipping. ``step_size``, ``beta2`` and, with
+  ``optimizer.skip_nonfinite``, ``skipped_steps`` are the step's own. All of the
+  last step, not averages over the log window.
+  """
+  rms, denominators = {}, {}
+  for name, value in figures.items():
+    path, _, figure = name.rpartition("/")
+    if figure == RMS_UPDATE:
+      rms[path] = float(value)
+    elif figure == CLIPPING_DENOMINATOR:
+      denominators[path] = float(value)
+  aggregates = {key: float(figures[key]) for key in PER_STEP_FIGURES if key in figures}
+  if rms:
+    values = np.array(list(rms.values()))
+    aggregates["rms_update_max"] = float(np.max(values))
+    aggregates["rms_update_median"] = float(np.median(values))
+  if denominators:
+    # 'blocks/0/mlp_in/kernel[3]' is one of its parameter's slices, of equal sizes.
+    parameter = {path: path.split("[")[0] for path in denominators}
+    slices = collections.Counter(parameter.values())
+    size = {path: param_sizes[p] / slices[p] for path, p in parameter.items()}
+    clipped = [path for path, d in denominators.items() if d > 1.0]
+    aggregates["clipped_fraction"] = len(clipped) / len(denominators)
+    aggregates["clipped_fraction_by_size"] = sum(size[p] for p in clipped) / sum(size.values())
+  return aggregates
+
+
+def plot_optimizer(records: list[dict], path: str, title: str) -> None:
+  """The telemetry's aggregates over the run, one panel each: clipping, RMS(U), step size, beta2."""
+  panels = [
+    ("updates clipped", ["clipped_fraction", "clipped_fraction_by_size"], "linear"),
+    ("RMS(U) before clipping", ["rms_update_max", "rms_update_median"], "log"),
+    ("step size", ["step_size"], "log"),
+    ("beta2", ["beta2"], "linear"),
+  ]
+  fig = Figure(figsize=(10, 6))
+  for ax, (name, keys, scale) in zip(fig.subplots(2, 2).flat, panels, strict=True):
+    for key in keys:
+      points = [(r["step"], r[key]) for r in records if key in r]
+      if points:
+        ax.plot(*zip(*points, strict=True), "o-", label=key.replace("_", " "), markersize=3)
+    if name.startswith("RMS") and ax.lines:
+      ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)  # the paper's threshold d = 1
+    ax.set(xlabel="step", title=name, yscale=scale if ax.lines else "linear")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+      ax.legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def tensorboard_scalars(
+  train_loss: float, aggregates: dict[str, float], figures: dict[str, Any]
+) -> dict[str, float]:
+  """A log step's scalars by TensorBoard tag: the loss, the aggregates under ``optimizer/``,
+  and each parameter's figures grouped by figure (``rms_update_before_clipping/<path>``)."""
+  scalars = {"loss/train": train_loss}
+  scalars.update({f"optimizer/{key}": value for key, value in aggregates.items()})
+  for name, value in figures.items():
+    path, _, figure = name.rpartition("/")
+    if path:  # the per-step figures are among the aggregates
+      scalars[f"{figure}/{path}"] = float(value)
+  return scalars
+
+
+class EventWriter:
+  """TensorBoard event files under ``logdir``, written by process 0 alone (no-ops elsewhere).
+
+  A run resumed at step ``start`` opens a new file that tells TensorBoard to
+  hide whatever an earlier file holds after ``start`` (tensorboardX's
+  ``purge_step``: steps logged after the checkpoint by the run that stopped),
+  so that no step is shown twice.
+  """
+
+  def __init__(self, logdir: str, *, start: int, enabled: bool) -> None:
+    self._writer = None
+    if enabled:
+      self._writer = SummaryWriter(
+        logdir,
+        purge_step=start + 1 if start else None,
+        flush_secs=10,
+        # The file name holds the time in seconds: a resume within the same second gets its own.
+        filename_suffix=f".from-step-{start}",
+      )
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if self._writer is not None:
+      for tag, value in values.items():
+        self._writer.add_scalar(tag, value, step)
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def __enter__(self) -> EventWriter:
+    return self
+
+  def __exit__(self, *exc: object) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
 def _sync(name: str) -> None:
   """All processes reach this point before any goes on (nothing to do on one process)."""
   if jax.process_count() > 1:
@@ -570,6 +709,10 @@ def train_and_evaluate(
   params = jax.jit(lambda: nnx.state(create_model(config)), out_shardings=shardings.params)()
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   train_step, evaluate = make_steps(graphdef, tx, shardings)
+  telemetry = config.optimizer.telemetry
+  param_sizes = {
+    _param_path(p): x.size for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)
+  }
   data_key, eval_key = jax.random.split(jax.random.key(config.seed))
   batch_size, seq_len = config.data.batch_size, config.data.seq_len
   eval_data = input_pipeline.eval_batches(
@@ -616,10 +759,12 @@ def train_and_evaluate(
     records.append(switch)
   if main_process:  # once the checkpoint it describes has been restored (or there is none)
     work.write_config(config)
+  events = EventWriter(work.file("tensorboard"), start=start, enabled=main_process)
 
   def save(step: int) -> None:
     if main_process:
       work.write_metrics(records)
+    events.flush()
     pending = pending_losses.copy()
     pending[: len(window)] = np.asarray(window, np.float32)
     tree = {"params": params, "opt_state": opt_state, "pending_losses": pending}
@@ -650,7 +795,7 @@ def train_and_evaluate(
   log = bar.write if show else lambda _: None
   window_start = time.perf_counter()
   stop, queued, signum = _StopOnSignal(), None, None
-  with stop:
+  with stop, events:
     for step in range(start, config.num_steps):
       batch = input_pipeline.batch_at(
         corpus.train, data_key, step, batch_size, seq_len, shardings.batch
@@ -666,7 +811,13 @@ def train_and_evaluate(
         train_loss = float(jnp.mean(jnp.stack(window)))
         bar.update(1)
         rate = len(window) / (time.perf_counter() - window_start)
-        records.append({"step": done, "train_loss": train_loss, "steps_per_sec": rate})
+        # A few hundred replicated scalars of the last step, read on the host at log steps only.
+        figures = adafactor_jax.telemetry(opt_state) if telemetry and main_process else {}
+        aggregates = optimizer_aggregates(figures, param_sizes)
+        records.append(
+          {"step": done, "train_loss": train_loss, "steps_per_sec": rate, **aggregates}
+        )
+        events.scalars(done, tensorboard_scalars(train_loss, aggregates, figures))
         bar.set_postfix(loss=f"{train_loss:.3f}")
         window, window_start, queued = [], time.perf_counter(), None
         if not math.isfinite(train_loss) and not config.optimizer.skip_nonfinite:
@@ -674,9 +825,12 @@ def train_and_evaluate(
       if done % config.eval_every == 0 or done == config.num_steps:
         eval_loss = float(evaluate(params, eval_data))
         records.append({"step": done, "eval_loss": eval_loss})
+        events.scalars(done, {"loss/eval": eval_loss})
         log(f"step {done}: eval loss {eval_loss:.4f}")
         if main_process:
           plot_losses(records, work.file("loss.png"), title)
+          if telemetry:
+            plot_optimizer(records, work.file("optimizer.png"), title)
       signum = stop.requested()
       if done % config.checkpoint_every == 0 or done == config.num_steps or signum:
         save(done)
@@ -721,6 +875,8 @@ def train_and_evaluate(
   if main_process:
     work.write_metrics(records)
     plot_losses(records, work.file("loss.png"), title)
+    if telemetry:
+      plot_optimizer(records, work.file("optimizer.png"), title)
     with open(work.file("summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
   if show:

@@ -204,6 +204,15 @@ def test_two_processes_train_like_one(runs):
   assert shards == ["ocdbt.process_0", "ocdbt.process_1"]
   steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl")]
   assert steps == [2, 4, 4, 6, 8, 8]
+  # Process 0 alone read the telemetry (replicated scalars) and wrote one event file; the
+  # figures are those of the same mesh on one process.
+  assert len(list((workdir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+  two, one = (
+    [r for r in read_jsonl(w / "metrics.jsonl") if "train_loss" in r]
+    for w in (workdir, runs["2x4"])
+  )
+  for key in ("beta2", "step_size", "rms_update_max", "rms_update_median"):
+    np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=1e-5)
 
 
 COMPILE_UPDATE = textwrap.dedent(

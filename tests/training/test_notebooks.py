@@ -81,7 +81,15 @@ def test_paper_findings(tmp_path, monkeypatch):
   verdicts = re.findall(r"^\[[123+]\] (reproduced|NOT reproduced) ", text, re.MULTILINE)
   assert len(verdicts) == 10, text
   assert re.search(r"\d+ of 10 claims reproduced after 4 steps\.", text), text
-  assert images == 1, text  # the eval-loss panels, shown after the job switched backends
+  # The telemetry of beta2 = 0.999 against 1 - t^-0.8: a row of figures for each, early and over
+  # the run, then whether the paper's mechanism shows.
+  number = r"\d+\.\d{3}"
+  for label in ("β2 = 0.999", "1 − t\\^−0\\.8"):
+    for steps in ("1-1", "1-4"):
+      assert re.search(rf"^\| {label} \| {steps} \|( {number} \|){{5}}$", text, re.M), (label, text)
+  verdict = r"^mechanism (seen|NOT seen) \(the paper: .*\): here, steps 1-1, mean max RMS\(U\) "
+  assert re.search(verdict, text, re.M), text
+  assert images == 2, text  # the eval-loss panels, then the telemetry's
 
 
 def test_sharded(tmp_path, monkeypatch):
@@ -92,8 +100,10 @@ def test_sharded(tmp_path, monkeypatch):
   # column statistic over 'model' only: the averaged axis replicated.
   spec = r"P(?:artitionSpec)?"
   assert re.search(rf"kernel: \(128, 512\), sharded {spec}\('data', 'model'\)$", text, re.M), text
-  row = rf"^opt_state/0/v_row/blocks/0/mlp_in/kernel +\(128, 1\) +{spec}\('data',(?: None)?\)$"
-  col = rf"^opt_state/0/v_col/blocks/0/mlp_in/kernel +\(1, 512\) +{spec}\(None, 'model'\)$"
+  # The job's Adafactor records telemetry by default: its state is inside a TelemetryState.
+  state = r"^opt_state/0/(?:inner_state/)?"
+  row = rf"{state}v_row/blocks/0/mlp_in/kernel +\(128, 1\) +{spec}\('data',(?: None)?\)$"
+  col = rf"{state}v_col/blocks/0/mlp_in/kernel +\(1, 512\) +{spec}\(None, 'model'\)$"
   assert re.search(row, text, re.MULTILINE), text
   assert re.search(col, text, re.MULTILINE), text
   sizes = re.search(r"^optimizer state: ([\d,]+) of ([\d,]+) bytes on one device$", text, re.M)

@@ -172,6 +172,7 @@ def test_optax_adafactor_trains_in_the_job(tmp_path):
   for key, value in TINY.items():
     config_lib.set_config_value(config, key, value)
   config.optimizer.name, config.optimizer.learning_rate = "optax_adafactor", 1e-2
+  config.optimizer.telemetry = False  # optax.adafactor records none
   summary = train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
   assert summary["optimizer"] == "optax_adafactor" and math.isfinite(summary["final_eval_loss"])
   # Nothing is factored at this size (dims < 128): one second moment (plus optax's 1-element

@@ -178,7 +178,9 @@ def test_run_writes_metrics_plot_summary_and_config(run_a):
   eval_records = [r for r in records if "eval_loss" in r]
   assert [r["step"] for r in train_records] == [2, 4, 6, 8]  # every log_every
   assert [r["step"] for r in eval_records] == [4, 8]  # every eval_every
-  assert all(set(r) == {"step", "train_loss", "steps_per_sec"} for r in train_records)
+  # Telemetry (on by default) without clipping (this paper row): no clipped fractions.
+  telemetry = {"step_size", "beta2", "rms_update_max", "rms_update_median"}
+  assert all(set(r) == {"step", "train_loss", "steps_per_sec", *telemetry} for r in train_records)
   assert all(set(r) == {"step", "eval_loss"} for r in eval_records)
   # Bytes of a 256-symbol alphabet: a fresh model's loss is near ln(256).
   losses = [r["train_loss"] for r in train_records] + [r["eval_loss"] for r in eval_records]
@@ -410,6 +412,16 @@ BAD_INPUTS = [
   ("checkpoint_between_logs", ["--config.checkpoint_every=3"], ["checkpoint_every", "log_every"]),
   ("unknown_optimizer", ["--config.optimizer.name=adam"], ["'optimizer.name'", "'adam'"]),
   (
+    "telemetry_of_adamw",
+    ["--config.optimizer.name=adamw", "--config.optimizer.learning_rate=1e-3"],
+    ["'optimizer.telemetry'", "adamw", "--config.optimizer.telemetry=False"],
+  ),
+  (
+    "telemetry_of_optax_adafactor",
+    ["--config.optimizer.name=optax_adafactor", "--config.optimizer.learning_rate=1e-3"],
+    ["'optimizer.telemetry'", "'optax_adafactor'", "--config.optimizer.telemetry=False"],
+  ),
+  (
     "schedule_without_lr",
     ["--config.optimizer.schedule=cosine"],
     ["'optimizer.schedule'", "'optimizer.learning_rate'"],
@@ -610,7 +622,12 @@ def test_bad_flag_in_a_real_process_exits_2_on_stderr(tmp_path):
 
 @pytest.mark.parametrize(
   ("script", "missing"),
-  [("train_cli", "ml_collections"), ("train_cli", "flax"), ("compare_cli", "orbax")],
+  [
+    ("train_cli", "ml_collections"),
+    ("train_cli", "flax"),
+    ("train_cli", "tensorboardX"),
+    ("compare_cli", "orbax"),
+  ],
 )
 def test_console_scripts_without_the_train_extra_name_it_in_one_line(script, missing, tmp_path):
   """As after a plain ``pip install adafactor-jax``: the script says what to install."""
@@ -770,6 +787,7 @@ def test_weight_decay_means_adamws_for_every_optimizer(name, learning_rate, step
     "learning_rate": learning_rate,
     "weight_decay": 0.1,
     "momentum": momentum,
+    "telemetry": name != "adamw",
   }
   for key, value in changes.items():
     config_lib.set_config_value(config, f"optimizer.{key}", value)
@@ -786,6 +804,7 @@ def test_stochastic_rounding_key_rounds_bfloat16_params_for_any_optimizer(name):
   config = config_lib.resolve_config(default.get_config())
   config_lib.set_config_value(config, "optimizer.name", name)
   config_lib.set_config_value(config, "optimizer.learning_rate", 1e-3)
+  config_lib.set_config_value(config, "optimizer.telemetry", name != "adamw")
   params = {"w": jax.numpy.ones((4, 4), jax.numpy.bfloat16)}
   grads = {"w": jax.numpy.full((4, 4), 1e-3, jax.numpy.bfloat16)}
   kinds = {}
