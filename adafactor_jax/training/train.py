@@ -187,6 +187,7 @@ class Layerwise(optax.GradientTransformation):
 
 
 def layerwise(layer_tx: optax.GradientTransformation) -> Layerwise:
+  """The job's optimizer with ``optimizer.fused_backward``: its ``init`` is the fused step's."""
   tx = Layerwise(functools.partial(_layerwise_init, layer_tx), _layerwise_update)
   tx.layer_tx = layer_tx
   return tx
@@ -211,6 +212,7 @@ def split_layers(params: nnx.State) -> tuple[nnx.State, nnx.State]:
 
 
 def join_layers(layers: nnx.State, rest: nnx.State) -> nnx.State:
+  """The params again, from what split_layers gave."""
   return nnx.State({**rest.raw_mapping, "blocks": layers.raw_mapping})
 
 
