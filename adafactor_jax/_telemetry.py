@@ -174,6 +174,12 @@ def _collect(
       by_parameter = parameters.setdefault(scope, {})
       for name, figures in node.per_parameter.items():
         values, offset = _value(figures.values), 0
+        if np.ndim(values) != 1:
+          raise ValueError(
+            "telemetry() reads one optimizer's state, not states stacked by jax.vmap (as "
+            "fused_train_step's FusedState.layers): read layer i's with "
+            "telemetry(jax.tree.map(lambda x: x[i], state.layers))."
+          )
         for path, shape in figures.layout:
           size = math.prod(shape)
           by_parameter.setdefault(path, {})[name] = values[offset : offset + size].reshape(shape)

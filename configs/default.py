@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.mlp_dim = 512
   config.model.embed_init_scale = 1.0
   config.model.param_dtype = "float32"
+  # The blocks as one stack scanned over a leading 'layers' axis (optimizer.fused_backward
+  # needs it); its checkpoints are not an unscanned model's.
+  config.model.scan_layers = False
 
   # The device mesh over every device of every process: -1 takes all the remaining devices,
   # so the default is data parallelism over all of them (one device: a mesh of one).
@@ -72,6 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
   opt.factored = True
   opt.min_dim_size_to_factor = 128
   opt.skip_nonfinite = False
+  # Each layer's update applied inside the backward pass (adafactor_jax.fused_train_step), so
+  # at most one layer's gradient exists at a time: needs model.scan_layers and an optimizer
+  # that updates each parameter from its own gradient ("adafactor", no skip_nonfinite).
+  opt.fused_backward = False
   opt.stochastic_rounding = False  # round bfloat16/float16 params stochastically, any optimizer
   opt.rounding_seed = 0
   # Record the figures each step computes anyway (adafactor_jax.telemetry): RMS(U), clipping,

@@ -273,3 +273,26 @@ def test_the_readmes_worked_example_trains():
   exec(compile(example, "README.md", "exec"), namespace)
   losses = namespace["losses"]
   assert len(losses) == 20 and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_telemetry_of_a_fused_state_is_read_one_layer_at_a_time():
+  """telemetry() of the stacked layers' state refuses by name and says how; each layer's
+  figures are then those of that layer alone."""
+  layers, rest = gpt.init_params(CONFIG)
+  tx = adafactor_jax.adafactor(telemetry=True)
+  fused = adafactor_jax.fused_train_step(tx, embed=gpt.embed, layer=gpt.layer, head=gpt.head)
+  state = fused.init(layers, rest)
+  layers, rest, state, _ = jax.jit(fused.step)(layers, rest, state, gpt.random_batch(CONFIG, 0))
+  with pytest.raises(ValueError, match=r"telemetry\(jax.tree.map\(lambda x: x\[i\], state.layers"):
+    adafactor_jax.telemetry(state)
+  per_layer = [
+    adafactor_jax.telemetry(jax.tree.map(lambda x, i=i: x[i], state.layers))
+    for i in range(CONFIG.n_layers)
+  ]
+  name = "mlp/c_fc/kernel/parameter_scale"
+  # Each layer's parameter scale is the RMS of its own kernel before the step (at least 1e-3).
+  start, _ = gpt.init_params(CONFIG)
+  for i, figures in enumerate(per_layer):
+    kernel = np.asarray(start["mlp"]["c_fc"]["kernel"][i], np.float64)
+    assert figures[name] == pytest.approx(max(1e-3, np.sqrt(np.mean(kernel**2))), rel=1e-5)
+  assert adafactor_jax.telemetry(state.rest)["beta2"] == per_layer[0]["beta2"] == 0.0

@@ -145,6 +145,7 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     )
   _check_mesh(config.mesh)
   _check_switch(config.optimizer)
+  _check_fused_backward(config)
 
 
 OPTIMIZERS = ("adafactor", "big_vision", "t5x", "adamw", "optax_adafactor")
@@ -163,6 +164,43 @@ def _check_switch(opt: ml_collections.ConfigDict) -> None:
       "config key 'optimizer.warm_start' converts the state into an Adafactor of this library; "
       "'optimizer.name' is 'adamw': pass --config.optimizer.warm_start=False for a cold start."
     )
+
+
+def _check_fused_backward(config: ml_collections.ConfigDict) -> None:
+  """What the fused step (adafactor_jax.fused_train_step) cannot do is refused by its key."""
+  opt = config.optimizer
+  if not opt.fused_backward:
+    return
+  cannot = None
+  if not config.model.scan_layers:
+    cannot = (
+      "needs the blocks stacked on a leading axis: set 'model.scan_layers' = True too (a new "
+      "run: its checkpoints are not an unscanned model's)"
+    )
+  elif opt.name != "adafactor":
+    cannot = f"applies 'optimizer.name' = 'adafactor' only, got {opt.name!r}"
+  elif opt.skip_nonfinite:
+    cannot = (
+      "cannot skip a whole step on a non-finite gradient ('optimizer.skip_nonfinite'): the "
+      "last layers are updated before the first layers' gradients exist"
+    )
+  elif opt.get("telemetry", False):
+    cannot = (
+      "keeps each layer's state stacked, which the job's telemetry does not read yet: pass "
+      "--config.optimizer.telemetry=False too"
+    )
+  elif opt.stochastic_rounding:
+    cannot = (
+      "cannot round stochastically ('optimizer.stochastic_rounding'): each layer's update "
+      "would draw the same rounding noise"
+    )
+  elif opt.switch_from is not None:
+    cannot = (
+      "cannot switch optimizers mid-run ('optimizer.switch_from'): its state is kept per "
+      "layer, which warm_start_state does not convert into"
+    )
+  if cannot:
+    raise ConfigError(f"config key 'optimizer.fused_backward' {cannot}.")
 
 
 def _check_mesh(mesh: ml_collections.ConfigDict) -> None:

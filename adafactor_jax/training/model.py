@@ -71,12 +71,45 @@ class Block(nnx.Module):
     return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
 
 
+def _stacked_blocks(
+  num_layers: int, d_model: int, num_heads: int, mlp_dim: int, dtype: Any, rngs: nnx.Rngs
+) -> Block:
+  """One Block whose parameters are ``num_layers`` blocks' stacked on a leading 'layers' axis."""
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def create(rngs: nnx.Rngs) -> Block:
+    return Block(d_model, num_heads, mlp_dim, dtype, rngs=rngs)
+
+  return create(rngs)
+
+
+def run_block(block_graphdef: nnx.GraphDef, block_params: nnx.State, x: jax.Array) -> jax.Array:
+  """One layer of a stack: its block's graphdef merged with that layer's parameters."""
+  return nnx.merge(block_graphdef, block_params)(x)
+
+
+def _scan_blocks(blocks: Block, x: jax.Array) -> jax.Array:
+  # jax.lax.scan of pure functions rather than nnx.scan: it runs under any transform of the
+  # caller (evaluation maps the loss over batches of a model merged outside the map).
+  graphdef, stacked = nnx.split(blocks)
+
+  def step(x: jax.Array, block_params: nnx.State) -> tuple[jax.Array, None]:
+    return run_block(graphdef, block_params, x), None
+
+  return jax.lax.scan(step, x, stacked)[0]
+
+
 class TransformerLM(nnx.Module):
   """Token and learned position embeddings, ``num_layers`` blocks, tied output.
 
   ``embed_init_scale`` multiplies the embedding's initial standard deviation
   (1.0 gives N(0, 1)): the paper's finding that relative step sizes are robust
-  to the embedding's scale is tested by varying it.
+  to the embedding's scale is tested by varying it. With ``scan_layers`` the
+  blocks are one Block whose parameters are stacked on a leading axis named
+  'layers' (a batch axis to Adafactor, replicated on the mesh), run by
+  ``jax.lax.scan``: one block's code compiled once, and the stack the fused
+  backward step (``adafactor_jax.fused_train_step``) updates layer by layer.
   """
 
   def __init__(
@@ -89,6 +122,7 @@ class TransformerLM(nnx.Module):
     mlp_dim: int,
     embed_init_scale: float = 1.0,
     dtype: Any = jnp.float32,
+    scan_layers: bool = False,
     *,
     rngs: nnx.Rngs,
   ) -> None:
@@ -105,15 +139,29 @@ class TransformerLM(nnx.Module):
       out_sharding=(None, "embed"),
       eager_sharding=False,
     )
-    self.blocks = nnx.List(
-      [Block(d_model, num_heads, mlp_dim, dtype, rngs=rngs) for _ in range(num_layers)]
-    )
+    self.blocks: Block | nnx.List
+    if scan_layers:
+      self.blocks = _stacked_blocks(num_layers, d_model, num_heads, mlp_dim, dtype, rngs)
+    else:
+      self.blocks = nnx.List(
+        [Block(d_model, num_heads, mlp_dim, dtype, rngs=rngs) for _ in range(num_layers)]
+      )
     self.final_norm = _norm(d_model, dtype, rngs)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    x = self.embed(tokens) + self.position[: tokens.shape[-1]]
-    for block in self.blocks:
-      x = block(x)
-    # Tied output embedding, with T5's 1/sqrt(d_model) so that N(0, 1) embeddings
-    # give unit-scale logits at initialisation.
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """The blocks' input: token plus position embeddings."""
+    return self.embed(tokens) + self.position[: tokens.shape[-1]]
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """The blocks' output to logits: final norm, then the tied output embedding."""
+    # T5's 1/sqrt(d_model), so that N(0, 1) embeddings give unit-scale logits at initialisation.
     return self.embed.attend(self.final_norm(x)) * x.shape[-1] ** -0.5
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    x = self.embed_tokens(tokens)
+    if isinstance(self.blocks, Block):  # one Block of stacked parameters (scan_layers)
+      x = _scan_blocks(self.blocks, x)
+    else:
+      for block in self.blocks:
+        x = block(x)
+    return self.logits(x)

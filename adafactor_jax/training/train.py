@@ -54,7 +54,7 @@ import adafactor_jax
 from adafactor_jax._checks import path_name
 from adafactor_jax.training import input_pipeline, partitioning
 from adafactor_jax.training.config import OPTIMIZERS, ConfigError, dtype, flatten, resolve_config
-from adafactor_jax.training.model import TransformerLM
+from adafactor_jax.training.model import TransformerLM, run_block
 
 # The optimizers of optax, which record no telemetry.
 WITHOUT_TELEMETRY = ("adamw", "optax_adafactor")
@@ -159,23 +159,78 @@ def create_optimizer(
 
   With ``param_axes`` (the params' logical axis names), Adafactor chooses its
   factored axes by those names (``adafactor_jax.logical_factor_dims``), the
-  names that shard the parameters; without, by their shapes.
+  names that shard the parameters; without, by their shapes. With
+  ``optimizer.fused_backward``, a :class:`Layerwise` optimizer: the fused step's.
   """
   lr = learning_rate_schedule(opt, num_steps)
   try:
     factor_dims = None
     if param_axes is not None:
+      if opt.fused_backward:  # the optimizer sees one layer at a time
+        param_axes = _one_layer_axes(param_axes)
       factor_dims = adafactor_jax.logical_factor_dims(
         param_axes, min_dim_size_to_factor=opt.min_dim_size_to_factor
       )
     tx = _create_optimizer(opt, lr, factor_dims)
     if opt.stochastic_rounding and opt.name != "adafactor":
       tx = optax.chain(tx, adafactor_jax.stochastic_rounding(opt.rounding_seed))
-    return tx
+    return layerwise(tx) if opt.fused_backward else tx
   except ConfigError:
     raise
   except (ValueError, TypeError) as e:
     raise ConfigError(f"optimizer {opt.name!r}: {e}") from e
+
+
+class Layerwise(optax.GradientTransformation):
+  """``layer_tx`` with its state kept as the fused backward step keeps it.
+
+  ``init(params)`` gives an ``adafactor_jax.FusedState``: ``layer_tx``'s state of
+  each layer of the scanned stack (``params['blocks']``, stacked on its leading
+  axis) and of the other parameters. The update is applied inside the backward
+  pass by the train step (``make_steps``), never through ``update``.
+  """
+
+  layer_tx: optax.GradientTransformation
+
+
+def layerwise(layer_tx: optax.GradientTransformation) -> Layerwise:
+  """The job's optimizer with ``optimizer.fused_backward``: its ``init`` is the fused step's."""
+  tx = Layerwise(functools.partial(_layerwise_init, layer_tx), _layerwise_update)
+  tx.layer_tx = layer_tx
+  return tx
+
+
+def _layerwise_init(layer_tx: optax.GradientTransformation, params: Any) -> Any:
+  layers, rest = split_layers(params)
+  return adafactor_jax.FusedState(jax.vmap(layer_tx.init)(layers), layer_tx.init(rest))
+
+
+def _layerwise_update(updates: Any, state: Any, params: Any = None) -> Any:
+  raise ValueError(
+    "with 'optimizer.fused_backward' the update is applied inside the backward pass by "
+    "adafactor_jax.fused_train_step (train.make_steps), not by update()."
+  )
+
+
+def split_layers(params: nnx.State) -> tuple[nnx.State, nnx.State]:
+  """(the scanned stack of blocks, every other parameter)."""
+  raw = params.raw_mapping  # nested dicts, as nnx.split makes them (not nested States)
+  return nnx.State(raw["blocks"]), nnx.State({k: v for k, v in raw.items() if k != "blocks"})
+
+
+def join_layers(layers: nnx.State, rest: nnx.State) -> nnx.State:
+  """The params again, from what split_layers gave."""
+  return nnx.State({**rest.raw_mapping, "blocks": layers.raw_mapping})
+
+
+def _one_layer_axes(param_axes: Any) -> Any:
+  """The logical names that the fused step's optimizer sees: one block (its 'layers' axis
+  dropped) and the other parameters, in one tree (their paths do not collide)."""
+  layers, rest = split_layers(param_axes)
+  one_layer = jax.tree.map(
+    lambda names: PartitionSpec(*names[1:]), layers, is_leaf=lambda x: isinstance(x, PartitionSpec)
+  )
+  return nnx.State({**rest.raw_mapping, **one_layer.raw_mapping})
 
 
 def _create_optimizer(
@@ -316,12 +371,17 @@ def create_model(config: ml_collections.ConfigDict) -> TransformerLM:
     mlp_dim=m.mlp_dim,
     embed_init_scale=m.embed_init_scale,
     dtype=dtype("model.param_dtype", m.param_dtype),
+    scan_layers=m.scan_layers,
     rngs=nnx.Rngs(config.seed),
   )
 
 
 def next_token_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array) -> jax.Array:
-  logits = nnx.merge(graphdef, params)(batch[:, :-1]).astype(jnp.float32)
+  return _cross_entropy(nnx.merge(graphdef, params)(batch[:, :-1]), batch)
+
+
+def _cross_entropy(logits: jax.Array, batch: jax.Array) -> jax.Array:
+  logits = logits.astype(jnp.float32)
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
@@ -382,6 +442,8 @@ def make_steps(
     donate_argnums=(0, 1),
   )
   def train_step(params: Any, opt_state: Any, batch: jax.Array) -> tuple[Any, Any, jax.Array]:
+    if isinstance(tx, Layerwise):
+      return fused_step(graphdef, tx.layer_tx, params, opt_state, batch)
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -395,6 +457,39 @@ def make_steps(
     return jnp.mean(jax.lax.map(functools.partial(loss_fn, params), batches))
 
   return train_step, evaluate
+
+
+def fused_step(
+  graphdef: nnx.GraphDef,
+  layer_tx: optax.GradientTransformation,
+  params: nnx.State,
+  opt_state: adafactor_jax.FusedState,
+  batch: jax.Array,
+) -> tuple[nnx.State, adafactor_jax.FusedState, jax.Array]:
+  """One step of ``adafactor_jax.fused_train_step``: each block's update is applied as soon as
+  the backward pass has its gradient; the embeddings and final norm are updated last."""
+  layers, rest = split_layers(params)
+  # embed and head merge the whole model for its own methods; they read no block.
+  fused = adafactor_jax.fused_train_step(
+    layer_tx,
+    embed=functools.partial(_fused_embed, graphdef, layers),
+    layer=functools.partial(run_block, nnx.graphdef(nnx.merge(graphdef, params).blocks)),
+    head=functools.partial(_fused_head, graphdef, layers),
+  )
+  layers, rest, opt_state, loss = fused.step(layers, rest, opt_state, batch)
+  return join_layers(layers, rest), opt_state, loss
+
+
+def _fused_embed(
+  graphdef: nnx.GraphDef, layers: nnx.State, rest: nnx.State, batch: jax.Array
+) -> jax.Array:
+  return nnx.merge(graphdef, join_layers(layers, rest)).embed_tokens(batch[:, :-1])
+
+
+def _fused_head(
+  graphdef: nnx.GraphDef, layers: nnx.State, rest: nnx.State, x: jax.Array, batch: jax.Array
+) -> jax.Array:
+  return _cross_entropy(nnx.merge(graphdef, join_layers(layers, rest)).logits(x), batch)
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:

@@ -1,0 +1,152 @@
+"""The job's fused backward step (``optimizer.fused_backward``) and int8 momentum (issue 17).
+
+The fused step applies each block's update inside the backward pass; on the scanned model it
+is the unfused step's optimizer, state per layer, so both runs give the same losses and
+parameters to float tolerance, on one device and on a 2 x 4 mesh, and both resume from their
+checkpoints. Tiny runs, shared by a module fixture: the 8-device ones in subprocesses (the
+device count must be set before jax is imported), beside the one-device ones in this process.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import assert_bit_identical
+from tests.training.test_mesh import _assert_same_run, _resume_copy, _train
+from tests.training.test_train import (
+  _assert_refused,
+  read_jsonl,
+  restore,
+  run_main,
+  tiny_flags,
+  without_rate,
+)
+
+# Two blocks, so that the backward pass updates one before the other's gradient exists.
+SCANNED = [
+  "--config.model.num_layers=2",
+  "--config.model.scan_layers=True",
+  "--config.optimizer.momentum=0.9",
+]
+# Telemetry off: the job does not read a per-layer state's figures yet (refused, tested below).
+FUSED = [*SCANNED, "--config.optimizer.fused_backward=True", "--config.optimizer.telemetry=False"]
+INT8 = ["--config.optimizer.momentum=0.9", "--config.optimizer.momentum_dtype=int8"]
+
+
+def _run_here(workdir: Path, *flags: str) -> Path:
+  assert run_main(*tiny_flags(), *flags, f"--workdir={workdir}") == 0
+  return workdir
+
+
+def _resumed_here(source: Path, workdir: Path, *flags: str) -> Path:
+  return _run_here(_resume_copy(source, workdir), *flags)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+  root = tmp_path_factory.mktemp("fused")
+  with ThreadPoolExecutor(max_workers=1) as pool:
+    on_mesh = pool.submit(_train, root / "fused_2x4", "2x4", *FUSED)
+    workdirs = {
+      "unfused": _run_here(root / "unfused", *SCANNED),
+      "fused": _run_here(root / "fused", *FUSED),
+      "int8": _run_here(root / "int8", *INT8),
+    }
+    result = on_mesh.result()
+    assert result.returncode == 0, result.stderr[-3000:]
+    resharded = pool.submit(
+      _train, _resume_copy(root / "fused_2x4", root / "fused_2x4_then_8x1"), "8x1", *FUSED
+    )
+    workdirs["fused_resumed"] = _resumed_here(workdirs["fused"], root / "fused_resumed", *FUSED)
+    workdirs["int8_resumed"] = _resumed_here(workdirs["int8"], root / "int8_resumed", *INT8)
+    result = resharded.result()
+    assert result.returncode == 0, result.stderr[-3000:]
+  workdirs.update({name: root / name for name in ("fused_2x4", "fused_2x4_then_8x1")})
+  return workdirs
+
+
+def test_the_fused_job_trains_like_the_unfused_one(runs):
+  """Same losses (rtol 1e-5) and final parameters (1e-6 of their scale) as jax.grad of the
+  whole loss and the optimizer with the 'layers' axis a batch axis (per-layer statistics)."""
+  _assert_same_run(runs["fused"], runs["unfused"])
+  losses = [
+    r["train_loss"] for r in read_jsonl(runs["fused"] / "metrics.jsonl") if "train_loss" in r
+  ]
+  assert losses[-1] < losses[0]
+
+
+def test_the_fused_jobs_state_is_per_layer(runs):
+  """The checkpoint holds adafactor_jax.FusedState: each block's statistics and step count
+  of its own (a leading axis of 2), then the other parameters' state."""
+  state = restore(runs["fused"], 8)["opt_state"]  # FusedState, restored as a dict
+  layers, rest = state["layers"], state["rest"]
+  counts = [
+    np.asarray(x) for x in jax.tree.leaves(layers) if np.ndim(x) == 1 and x.dtype == np.int32
+  ]
+  assert counts and all(c.tolist() == [8, 8] for c in counts), counts
+  assert all(np.shape(x)[0] == 2 for x in jax.tree.leaves(layers))
+  rest_counts = [int(x) for x in jax.tree.leaves(rest) if np.ndim(x) == 0 and x.dtype == np.int32]
+  assert rest_counts and set(rest_counts) == {8}
+
+
+@pytest.mark.parametrize(
+  ("run", "reference"),
+  [("fused_2x4", "unfused"), ("fused_2x4_then_8x1", "fused_2x4")],
+  ids=["2x4_like_one_device", "resumed_resharded_on_8x1"],
+)
+def test_the_fused_job_on_a_mesh(runs, run, reference):
+  """On a 2 x 4 mesh (rows over 'data', the FSDP 'embed' axis over 'data', 'mlp' and
+  'joined_kv' over 'model'), and resumed from its step-4 checkpoint on 8 x 1."""
+  _assert_same_run(runs[run], runs[reference])
+  summary = json.loads((runs[run] / "summary.json").read_text())
+  assert summary["num_devices"] == 8
+  assert summary["resumed_from"] == (4 if run.endswith("8x1") else 0)
+
+
+@pytest.mark.parametrize("name", ["fused", "int8"])
+def test_a_resumed_run_ends_bit_identical(runs, name):
+  uninterrupted, resumed = runs[name], runs[f"{name}_resumed"]
+  a, b = restore(uninterrupted, 8), restore(resumed, 8)
+  assert_bit_identical(a["params"], b["params"])
+  assert_bit_identical(a["opt_state"], b["opt_state"])
+  assert without_rate(read_jsonl(resumed / "metrics.jsonl")) == without_rate(
+    read_jsonl(uninterrupted / "metrics.jsonl")
+  )
+  assert json.loads((resumed / "summary.json").read_text())["resumed_from"] == 4
+
+
+def test_int8_momentum_from_the_config_is_stored_in_int8(runs):
+  state = restore(runs["int8"], 8)["opt_state"]
+  int8 = [x for x in jax.tree.leaves(state) if x.dtype == np.int8]
+  params = jax.tree.leaves(restore(runs["int8"], 8)["params"])
+  assert sorted(x.shape for x in int8) == sorted(x.shape for x in params)
+  summary = json.loads((runs["int8"] / "summary.json").read_text())
+  assert np.isfinite(summary["final_eval_loss"])
+
+
+@pytest.mark.parametrize(
+  ("flags", "fragment"),
+  [
+    (["--config.model.scan_layers=False"], "set 'model.scan_layers' = True"),
+    (
+      ["--config.optimizer.name=adamw", "--config.optimizer.learning_rate=1e-3"],
+      "'optimizer.name' = 'adafactor' only, got 'adamw'",
+    ),
+    (["--config.optimizer.skip_nonfinite=True"], "cannot skip a whole step"),
+    (["--config.optimizer.stochastic_rounding=True"], "cannot round stochastically"),
+    (["--config.optimizer.telemetry=True"], "pass --config.optimizer.telemetry=False too"),
+    (["--config.optimizer.switch_from=adamw"], "cannot switch optimizers mid-run"),
+  ],
+  ids=["unscanned_model", "adamw", "skip_nonfinite", "stochastic_rounding", "telemetry", "switch"],
+)
+def test_what_the_fused_step_cannot_do_is_refused_naming_the_key(flags, fragment, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  rc = run_main(*tiny_flags(), *FUSED, *flags, f"--workdir={workdir}")
+  _assert_refused(capsys, rc, ["config key 'optimizer.fused_backward'", fragment])
+  assert not workdir.exists()
