@@ -146,3 +146,13 @@ def run_check_script(name: str) -> dict:
   )
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout)
+
+
+def the_node(state, node_type):
+  """The one node of ``node_type`` in an optimizer state (found by type, at any depth)."""
+  (node,) = [
+    n
+    for n in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, node_type))
+    if isinstance(n, node_type)
+  ]
+  return node

@@ -80,28 +80,50 @@ def spec_list(sharding) -> list:
   return spec
 
 
-def check(mesh_shape, axis_type, layout) -> dict:
-  mesh = jax.make_mesh(mesh_shape, ("data", "model"), axis_types=(axis_type,) * 2)
+def host_inputs() -> tuple[dict, list[dict]]:
+  """The parameters and the STEPS gradients every check starts from, on the host."""
   rng = np.random.default_rng(0)
   host = {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
   grads = [
     {k: (10.0**-i * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
     for i in range(STEPS)
   ]
-  shardings = {k: NamedSharding(mesh, LAYOUTS[layout][k]) for k in SHAPES}
-  tx = adafactor_jax.adafactor(
-    1e-2, momentum=0.9, factor_dims=adafactor_jax.logical_factor_dims(AXES)
-  )
+  return host, grads
 
+
+def train_step(tx):
   def step(params, state, grad):
     updates, state = tx.update(grad, state, params)
     return optax.apply_updates(params, updates), state
 
-  # The single-device run, on device 0 of the same process.
+  return step
+
+
+def one_device_params(tx, host, grads) -> dict:
+  """The parameters after the steps on device 0 of this process: what the mesh must give."""
+  step = jax.jit(train_step(tx))
   params, state = host, tx.init(host)
   for g in grads:
-    params, state = jax.jit(step)(params, state, g)
-  expected = jax.device_get(params)
+    params, state = step(params, state, g)
+  return jax.device_get(params)
+
+
+def max_relative_error(got: dict, expected: dict) -> float:
+  return max(
+    float(np.max(np.abs(got[k] - expected[k])) / max(np.max(np.abs(expected[k])), 1e-30))
+    for k in SHAPES
+  )
+
+
+def check(mesh_shape, axis_type, layout) -> dict:
+  mesh = jax.make_mesh(mesh_shape, ("data", "model"), axis_types=(axis_type,) * 2)
+  host, grads = host_inputs()
+  shardings = {k: NamedSharding(mesh, LAYOUTS[layout][k]) for k in SHAPES}
+  tx = adafactor_jax.adafactor(
+    1e-2, momentum=0.9, factor_dims=adafactor_jax.logical_factor_dims(AXES)
+  )
+  step = train_step(tx)
+  expected = one_device_params(tx, host, grads)
 
   params = jax.device_put(host, shardings)
   with jax.set_mesh(mesh):
@@ -130,10 +152,7 @@ def check(mesh_shape, axis_type, layout) -> dict:
     "shapes": {k: list(x.shape) for k, x in named_leaves(init_state).items()},
     "state_bytes_device0": per_device_bytes(init_state),
     "collectives": collectives(update_hlo),
-    "max_relative_error": max(
-      float(np.max(np.abs(got[k] - expected[k])) / max(np.max(np.abs(expected[k])), 1e-30))
-      for k in SHAPES
-    ),
+    "max_relative_error": max_relative_error(got, expected),
   }
 
 
@@ -147,14 +166,8 @@ def int8_momentum_check(host, grads, shardings, mesh) -> dict:
     factor_dims=adafactor_jax.logical_factor_dims(AXES),
   )
 
-  def step(params, state, grad):
-    updates, state = tx.update(grad, state, params)
-    return optax.apply_updates(params, updates), state
-
-  params, state = host, tx.init(host)
-  for g in grads:
-    params, state = jax.jit(step)(params, state, g)
-  expected = jax.device_get(params)
+  step = train_step(tx)
+  expected = one_device_params(tx, host, grads)
   params = jax.device_put(host, shardings)
   with jax.set_mesh(mesh):
     state = jax.jit(tx.init)(params)
@@ -173,10 +186,7 @@ def int8_momentum_check(host, grads, shardings, mesh) -> dict:
       k: spec_list(x) for k, x in named_leaves(predicted[index]._asdict()).items()
     },
     "int8_collectives": collectives(compiled.as_text()),
-    "int8_max_relative_error": max(
-      float(np.max(np.abs(got[k] - expected[k])) / max(np.max(np.abs(expected[k])), 1e-30))
-      for k in SHAPES
-    ),
+    "int8_max_relative_error": max_relative_error(got, expected),
   }
 
 

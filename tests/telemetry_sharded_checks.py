@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import adafactor_jax  # noqa: E402
 from tests.conftest import bits, collectives  # noqa: E402
-from tests.sharded_checks import AXES, LAYOUTS, SHAPES, STEPS, spec_list  # noqa: E402
+from tests.sharded_checks import AXES, LAYOUTS, SHAPES, host_inputs, spec_list  # noqa: E402
 
 
 def _figure_leaves(state) -> dict:
@@ -43,12 +43,7 @@ def _figure_leaves(state) -> dict:
 
 def check(axis_type, layout) -> dict:
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
-  rng = np.random.default_rng(0)
-  host = {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
-  grads = [
-    {k: (10.0**-i * rng.standard_normal(s)).astype(np.float32) for k, s in SHAPES.items()}
-    for i in range(STEPS)
-  ]
+  host, grads = host_inputs()
   shardings = {k: NamedSharding(mesh, LAYOUTS[layout][k]) for k in SHAPES}
   factor_dims = adafactor_jax.logical_factor_dims(AXES)
   on, off = (

@@ -20,6 +20,7 @@ from tests.conftest import (
   relative_error,
   run_accumulating_float64,
   run_optax,
+  the_node,
 )
 from tests.reference import Options, Reference
 
@@ -152,7 +153,7 @@ def test_parameters_move_by_the_momentum_as_stored():
   state = tx.init(params)
   for step in range(3):
     updates, state = jax.jit(tx.update)(make_grads(params, step), state, params)
-    momentum = _momentum_node(state)
+    momentum = the_node(state, adafactor_jax.Int8MomentumState)
     stored = jax.tree.map(momentum_lib.dequantize, momentum.momentum, momentum.scale)
     assert_bit_identical(updates, jax.tree.map(jnp.negative, stored), f"step {step}")
     params = optax.apply_updates(params, updates)
@@ -175,17 +176,6 @@ def test_nonfinite_gradients_propagate_and_skip_nonfinite_leaves_everything_bit_
   assert int(state_2.skipped_steps) == 1
 
 
-def _momentum_node(state) -> adafactor_jax.Int8MomentumState:
-  (node,) = [
-    n
-    for n in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, adafactor_jax.Int8MomentumState)
-    )
-    if isinstance(n, adafactor_jax.Int8MomentumState)
-  ]
-  return node
-
-
 def test_under_inject_hyperparams_a_dtype_instance_needs_no_static_args():
   params = jax.tree.map(jnp.asarray, make_params())
   grads = make_grads(params, 0)
@@ -205,12 +195,16 @@ def test_under_inject_hyperparams_a_dtype_instance_needs_no_static_args():
     results.append(jax.jit(tx.update)(grads, state, params))
   for updates, state in results[1:]:
     assert_bit_identical(updates, results[0][0], "the ways to pass int8")
-    assert_bit_identical(_momentum_node(state), _momentum_node(results[0][1]), "their momentum")
+    assert_bit_identical(
+      the_node(state, adafactor_jax.Int8MomentumState),
+      the_node(results[0][1], adafactor_jax.Int8MomentumState),
+      "their momentum",
+    )
   # The injected learning rate is a traced value, not a constant: float32 rounding moves an
   # element across a rounding boundary now and then, by one step of its grid.
   for q, q_plain in zip(
-    jax.tree.leaves(_momentum_node(results[0][1]).momentum),
-    jax.tree.leaves(_momentum_node(expected).momentum),
+    jax.tree.leaves(the_node(results[0][1], adafactor_jax.Int8MomentumState).momentum),
+    jax.tree.leaves(the_node(expected, adafactor_jax.Int8MomentumState).momentum),
     strict=True,
   ):
     difference = np.abs(np.asarray(q, np.int32) - np.asarray(q_plain, np.int32))
@@ -229,7 +223,7 @@ def test_complex_params_are_refused_by_name():
 
 def _state_bytes(tx, shapes) -> dict[str, int]:
   state = jax.eval_shape(tx.init, shapes)
-  momentum = _momentum_node(state)
+  momentum = the_node(state, adafactor_jax.Int8MomentumState)
   return {
     "values": trees.tree_bytes(momentum.momentum),
     "scales": trees.tree_bytes(momentum.scale),

@@ -17,6 +17,7 @@ from tests.conftest import (
   make_params,
   run_check_script,
   run_optax,
+  the_node,
 )
 
 
@@ -563,17 +564,6 @@ def test_switching_from_adamw_warm_continues_the_run_and_cold_falls_behind():
   assert np.max(np.abs(warm - continued)) < np.max(np.abs(cold - continued))
 
 
-def _momentum_node(state) -> adafactor_jax.Int8MomentumState:
-  (node,) = [
-    n
-    for n in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, adafactor_jax.Int8MomentumState)
-    )
-    if isinstance(n, adafactor_jax.Int8MomentumState)
-  ]
-  return node
-
-
 def _within_half_a_grid_step(node: adafactor_jax.Int8MomentumState, expected: dict) -> None:
   """int8 momentum holds ``expected`` rounded to its block grids (32 along the last axis)."""
   for k, want in expected.items():
@@ -591,24 +581,30 @@ def test_int8_momentum_is_the_float32_warm_start_quantized_and_reads_back_as_its
   # From Adam (through the probe that updates the momentum) and from float32 momentum
   # (copied): the float32 target's momentum, quantized.
   adam = _adam_state(params, 40)
-  warm = _momentum_node(warm_start_state(int8, params=params, source_state=adam))
+  warm = the_node(
+    warm_start_state(int8, params=params, source_state=adam), adafactor_jax.Int8MomentumState
+  )
   _within_half_a_grid_step(
     warm, _momentum(warm_start_state(float32, params=params, source_state=adam))
   )
   _, source = run_optax(float32, params, [make_grads(params, step) for step in range(3)])
-  copied = _momentum_node(warm_start_state(int8, params=params, source_state=source))
+  copied = the_node(
+    warm_start_state(int8, params=params, source_state=source), adafactor_jax.Int8MomentumState
+  )
   _within_half_a_grid_step(copied, _momentum(source))
   # Back to float32: the int8 state's values, exactly.
   _, int8_source = run_optax(int8, params, [make_grads(params, step) for step in range(3)])
-  node = _momentum_node(int8_source)
+  node = the_node(int8_source, adafactor_jax.Int8MomentumState)
   back = _momentum(warm_start_state(float32, params=params, source_state=int8_source))
   for k in params:
     np.testing.assert_array_equal(back[k], dequantize(node.momentum[k], node.scale[k]))
   # int8 to int8: the same values; the scales, re-taken from 127 q s, within a float32 rounding.
   again = warm_start_state(int8, params=params, source_state=int8_source)
-  assert_bit_identical(_momentum_node(again).momentum, node.momentum, "int8 values")
+  assert_bit_identical(
+    the_node(again, adafactor_jax.Int8MomentumState).momentum, node.momentum, "int8 values"
+  )
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-7, atol=0),
-    _momentum_node(again).scale,
+    the_node(again, adafactor_jax.Int8MomentumState).scale,
     node.scale,
   )
