@@ -3,7 +3,7 @@
 Usage::
 
   adafactor-compare [--suite default|paper|switch|fair] [--workdir runs/compare] [--num_steps N]
-                    [--noprogress] [--config.<key>=<value> ...]
+                    [--rows ROW,...] [--noprogress] [--config.<key>=<value> ...]
   python -m adafactor_jax.training.compare ...      # the same
 
 Suites:
@@ -85,6 +85,7 @@ def run_suite(
   num_steps: int | None = None,
   progress: bool = True,
   overrides: dict[str, Any] | None = None,
+  rows: list[str] | None = None,
 ) -> list[dict[str, Any]]:
   """Trains every run of a suite (resuming where a workdir has one) and returns their results.
 
@@ -94,7 +95,10 @@ def run_suite(
     num_steps: if given, every run's length (warmups shrink to fit).
     progress: show progress bars and summaries.
     overrides: dotted config keys set on every run, e.g. ``{"model.d_model": 32}``.
+    rows: the fair suite's rows to run (default all: ``sweep.ROWS``).
   """
+  if rows is not None and suite != "fair":
+    raise ConfigError(f"--rows picks rows of --suite=fair, not of --suite={suite}.")
 
   def configure(config: Any) -> None:
     for key, value in (overrides or {}).items():
@@ -120,7 +124,7 @@ def run_suite(
     return {"name": name, **summary, "eval_curve": eval_curve, "train_curve": train_curve}
 
   if suite == "fair":
-    return sweep.run_protocol(run, configure)
+    return sweep.run_protocol(run, configure, rows)
   results = []
   for name, config in suite_configs(suite).items():
     configure(config)
@@ -267,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     "num_steps", None, "Override every run's steps.", lower_bound=1, flag_values=flag_values
   )
   flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=flag_values)
+  flags.DEFINE_list(
+    "rows",
+    None,
+    "The fair suite's rows to train, e.g. to train rows in parallel processes; only a run of "
+    "every row writes the results.",
+    flag_values=flag_values,
+  )
   if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv[1:]):
     print(f"{__doc__}\nFlags:\n{flag_values.get_help()}")
     return 0
@@ -276,15 +287,21 @@ def main(argv: list[str] | None = None) -> int:
     if len(rest) > 1:
       raise flags.Error(f"unexpected argument {rest[1]!r}.")
     suite, workdir = flag_values.suite, flag_values.workdir
-    results = run_suite(suite, workdir, flag_values.num_steps, flag_values.progress, overrides)
+    rows = flag_values.rows
+    results = run_suite(
+      suite, workdir, flag_values.num_steps, flag_values.progress, overrides, rows
+    )
   except (flags.Error, ConfigError, input_pipeline.CorpusError) as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
+  render, draw = RENDERERS.get(suite, (table, chart))
+  if rows is not None:  # a part of the suite: its table, but the suite's files are the whole's
+    print("\n" + render(results))
+    return 0
   base = os.path.join(workdir, suite)
   with open(base + ".json", "w") as f:
     json.dump(results, f, indent=2)
   title = f"suite {suite!r}: {results[0]['steps']} steps"
-  render, draw = RENDERERS.get(suite, (table, chart))
   text = render(results)
   with open(base + ".md", "w") as f:
     f.write(text + "\n")

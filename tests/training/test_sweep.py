@@ -16,15 +16,17 @@ from adafactor_jax.training import config as config_lib
 from adafactor_jax.training.configs import default
 from tests.training.test_train import TINY
 
-OPTIMUM = {  # a best learning rate per row, some far from the row's first grid
-  "adafactor": 2e-2,
-  "adafactor_bf16_momentum": 8e-2,  # a point above the first grid (2e-2 x 2^[-1, 1])
-  "big_vision": 3e-3 / 16,  # three below it
-  "adamw_b2_0.95": 4e-3,
-  "adamw_b2_0.999": 8e-3,
-  "optax_adafactor": 4e-2,
+CENTRE = {row.name: row.centre for row in sweep.ROWS}
+OFFSET = {  # each row's best learning rate, in grid steps from its centre: some far from it
+  "adafactor": 0,
+  "adafactor_bf16_momentum": 2,  # a point above the first grid (centre x 2^[-1, 1])
+  "big_vision": -4,  # three below it
+  "adamw_b2_0.95": 0,
+  "adamw_b2_0.999": 1,
+  "optax_adafactor": 1,
 }
-DIVERGES_ABOVE = 0.5
+OPTIMUM = {row: CENTRE[row] * sweep.GRID_FACTOR**k for row, k in OFFSET.items()}
+DIVERGES_ABOVE = 4 * max(OPTIMUM.values())
 
 
 def fake_loss(row: str, learning_rate: float | None, seed: int) -> float:
@@ -37,16 +39,31 @@ def fake_loss(row: str, learning_rate: float | None, seed: int) -> float:
   return floor + 0.01 * math.log2(learning_rate / OPTIMUM[row]) ** 2 + seed / 1000
 
 
+class Trained(dict):
+  reused: list[str]
+
+  def __init__(self):
+    super().__init__()
+    self.reused = []
+
+
 @pytest.fixture
 def fake_training(monkeypatch):
-  """train_and_evaluate replaced by fake_loss; records each run's config by workdir."""
-  trained = {}
+  """train_and_evaluate replaced by fake_loss; records each run's config by workdir.
+
+  As the trainer does, a finished workdir is reused: its summary again, recorded in
+  ``trained.reused`` and not trained again.
+  """
+  trained = Trained()
+  summaries = {}
 
   def fake_train_and_evaluate(config, workdir, progress=True):
     config = config_lib.resolve_config(config)  # every run's config is valid ...
     tx = train.create_optimizer(config.optimizer, config.num_steps)  # ... and builds
     params = {"w": jax.ShapeDtypeStruct((256, 256), np.float32)}
-    assert workdir not in trained
+    if workdir in summaries:
+      trained.reused.append(workdir)
+      return summaries[workdir]
     trained[workdir] = config
     row = os.path.basename(os.path.dirname(workdir))
     loss = fake_loss(
@@ -55,7 +72,7 @@ def fake_training(monkeypatch):
     os.makedirs(workdir)
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
       f.write(json.dumps({"step": config.num_steps, "eval_loss": loss}) + "\n")
-    return {
+    summaries[workdir] = {
       "optimizer": config.optimizer.name,
       "steps": config.num_steps,
       "final_train_loss": loss,
@@ -63,6 +80,7 @@ def fake_training(monkeypatch):
       "optimizer_state_bytes": train.tree_bytes(jax.eval_shape(tx.init, params)),
       "adamw_state_bytes": train.tree_bytes(jax.eval_shape(optax.adamw(1e-3).init, params)),
     }
+    return summaries[workdir]
 
   monkeypatch.setattr(train, "train_and_evaluate", fake_train_and_evaluate)
   return trained
@@ -107,8 +125,8 @@ def test_every_sweep_is_extended_until_bracketed_then_its_best_rerun_on_every_se
     "adamw",
     "optax_adafactor",
   }
-  # Each (row, learning rate, seed) trained once: the seed-0 run at the best is reused.
-  assert len(fake_training) == sum(
+  # Each (row, learning rate, seed) asked for once: the seed-0 run at the best is reused.
+  assert not fake_training.reused and len(fake_training) == sum(
     len(r["sweep"]) + len(sweep.SEEDS) - 1 if r["sweep"] else len(sweep.SEEDS) for r in rows
   )
 
@@ -164,6 +182,38 @@ def test_the_cli_writes_the_fair_table_chart_and_json(fake_training, tmp_path, c
   assert cells["adafactor_paper"][:2] == ["paper's ρ_t", "—"]
   assert cells["adafactor"][2] == f"{np.mean([1.5, 1.501, 1.502]):.4f} ± {0.001:.4f}"
   assert cells["adamw_b2_0.999"][-1] == "100.00%"
+
+
+def test_rows_train_apart_and_a_run_of_every_row_reuses_them(fake_training, tmp_path, capsys):
+  argv = ["adafactor-compare", "--suite=fair", f"--workdir={tmp_path}", "--num_steps=40"]
+  part = ["adamw_b2_0.95", "adafactor_paper"]
+  assert compare.main([*argv, f"--rows={','.join(part)}", "--noprogress"]) == 0
+  # Only those rows trained, and only the table printed: the suite's files are the whole's.
+  assert {os.path.basename(os.path.dirname(w)) for w in fake_training} == set(part)
+  assert not (tmp_path / "fair.json").exists()
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [line.split("|")[1].strip() for line in lines[-2:]] == ["adafactor_paper", "adamw_b2_0.95"]
+  trained_apart = set(fake_training)
+  assert compare.main([*argv, "--noprogress"]) == 0
+  rows = json.loads((tmp_path / "fair.json").read_text())
+  assert [r["name"] for r in rows] == [row.name for row in sweep.ROWS]
+  assert {os.path.basename(os.path.dirname(w)) for w in set(fake_training) - trained_apart} == {
+    row.name for row in sweep.ROWS
+  } - set(part)
+  assert sorted(fake_training.reused) == sorted(trained_apart)
+
+
+@pytest.mark.parametrize(
+  ("flag", "message"),
+  [
+    ("--rows=adamw,adafactor", "--rows: no row named 'adamw'; the rows are ['adafactor_paper'"),
+    ("--suite=paper", "--rows picks rows of --suite=fair, not of --suite=paper"),
+  ],
+)
+def test_rows_refuses_what_it_cannot_run(fake_training, tmp_path, capsys, flag, message):
+  argv = ["adafactor-compare", "--suite=fair", "--rows=adafactor", f"--workdir={tmp_path}", flag]
+  assert compare.main(argv) == 2
+  assert message in capsys.readouterr().err and not fake_training
 
 
 def test_optax_adafactor_trains_in_the_job(tmp_path):
