@@ -231,3 +231,33 @@ def test_optax_adafactor_trains_in_the_job(tmp_path):
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     losses = [r["train_loss"] for r in map(json.loads, f) if "train_loss" in r]
   assert losses[-1] < losses[0]
+
+
+def test_the_fair_protocol_end_to_end_on_a_tiny_model(tmp_path):
+  """One tuned row through real training: each run is the protocol's, and a rerun reuses all."""
+  tiny = {key: value for key, value in TINY.items() if key != "num_steps"}
+  (row,) = compare.run_suite("fair", str(tmp_path), 20, False, tiny, ["adafactor"])
+  lrs = [lr for lr, _ in row["sweep"]]
+  assert sweep.INITIAL_POINTS <= len(lrs) <= sweep.MAX_POINTS
+  assert np.allclose(np.diff(np.log2(lrs)), 1.0) and row["learning_rate"] in lrs
+  assert row["bracketed"] == (lrs[0] < row["learning_rate"] < lrs[-1])
+  runs = sorted((tmp_path / "fair" / "adafactor").iterdir())
+  assert len(runs) == len(lrs) + len(sweep.SEEDS) - 1
+  for run in runs:
+    config = json.loads((run / "config.json").read_text())
+    learning_rate = float(run.name.split("_seed")[0].removeprefix("lr"))
+    assert config["optimizer"]["learning_rate"] == pytest.approx(learning_rate, rel=1e-3)
+    assert (config["optimizer"]["schedule"], config["optimizer"]["warmup_steps"]) == ("cosine", 1)
+    assert config["num_steps"] == 20 and config["model"]["d_model"] == TINY["model.d_model"]
+  best = [
+    json.loads(
+      (
+        tmp_path / "fair" / "adafactor" / f"lr{row['learning_rate']:.4g}_seed{s}" / "summary.json"
+      ).read_text()
+    )
+    for s in sweep.SEEDS
+  ]
+  assert row["seed_losses"] == [r["final_eval_loss"] for r in best]
+  assert all(map(math.isfinite, row["seed_losses"]))
+  assert compare.run_suite("fair", str(tmp_path), 20, False, tiny, ["adafactor"]) == [row]
+  assert sorted((tmp_path / "fair" / "adafactor").iterdir()) == runs
