@@ -40,6 +40,7 @@ import optax
 import pytest
 
 import adafactor_jax
+from tests.conftest import the_node
 from tests.reference import Options, Reference
 
 STEPS = 4
@@ -212,21 +213,10 @@ def _adafactor_update(**kwargs):
   return tx, jax.jit(tx.update)
 
 
-def _factored_statistics(state) -> adafactor_jax.ScaleByFactoredRmsState:
-  (found,) = [
-    s
-    for s in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, adafactor_jax.ScaleByFactoredRmsState)
-    )
-    if isinstance(s, adafactor_jax.ScaleByFactoredRmsState)
-  ]
-  return found
-
-
 def _assert_finite_state(state, where: str):
   for leaf in jax.tree.leaves(state):
     assert np.all(np.isfinite(np.asarray(leaf, np.float64))), where
-  stats = _factored_statistics(state)
+  stats = the_node(state, adafactor_jax.ScaleByFactoredRmsState)
   for name in ("v_row", "v_col", "v"):
     for v in jax.tree.leaves(getattr(stats, name)):
       assert v.dtype == jnp.float32, (where, name)
@@ -578,7 +568,7 @@ def test_gradients_too_large_to_square_in_float32_stay_finite(value, shape, clip
     updates, state = step(g, state, params)
     assert np.all(np.isfinite(updates)), value
     _assert_finite_state(state, str(value))
-    for leaf in jax.tree.leaves(_factored_statistics(state)):
+    for leaf in jax.tree.leaves(the_node(state, adafactor_jax.ScaleByFactoredRmsState)):
       assert np.all(np.asarray(leaf) <= 2.0**126)
     params = optax.apply_updates(params, updates)
   assert np.all(np.isfinite(params))
