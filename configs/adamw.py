@@ -1,4 +1,4 @@
-"""AdamW baseline on the default job: linear warmup then cosine decay.
+"""AdamW baseline on the default job: linear warmup (the default 5% of the run), then cosine decay.
 
 The comparison suite sweeps its learning rate (adafactor-compare --suite default).
 """
@@ -11,6 +11,5 @@ def get_config():
   config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 3e-3
   config.optimizer.schedule = "cosine"
-  config.optimizer.warmup_steps = 50
   config.optimizer.telemetry = False  # optax.adamw records no telemetry
   return config

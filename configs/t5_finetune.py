@@ -13,4 +13,5 @@ def get_config():
   config.optimizer.name = "t5x"
   config.optimizer.learning_rate = 1e-3
   config.optimizer.schedule = "constant"
+  config.optimizer.warmup_fraction = 0.0
   return config

@@ -8,8 +8,9 @@ Usage::
 
 Suites:
 
-* ``default``: Adafactor at the paper's defaults, AdamW at three learning rates
-  (the best is "tuned AdamW"), and the Big Vision variant, on the default job.
+* ``default``: the default job's Adafactor and Adafactor at the paper's defaults, AdamW at
+  three learning rates, and the Big Vision variant, on the default job: a quick look; the fair
+  suite is the comparison.
 * ``paper``: the ablation rows of ``configs/paper.py`` (shorter runs).
 * ``switch``: AdamW for the whole job, and from its halfway checkpoint Adafactor at the
   paper's defaults, started cold and warm (``--config.optimizer.switch_from``): the jump in
@@ -51,7 +52,7 @@ SUITES = ("default", "paper", "switch", "fair")
 def suite_configs(suite: str) -> dict[str, Any]:
   """Run name to config, for a suite."""
   if suite == "default":
-    runs = {"adafactor": default.get_config()}
+    runs = {"adafactor": default.get_config(), "adafactor_paper": paper.get_config()}
     for lr in ADAMW_LEARNING_RATES:
       config = adamw.get_config()
       config.optimizer.learning_rate = lr
@@ -70,7 +71,7 @@ def suite_configs(suite: str) -> dict[str, Any]:
     # step logged, and every checkpoint kept (the halfway one is where the switches start).
     runs = {"adamw": adamw.get_config()}
     for name, warm in (("adafactor_cold", False), ("adafactor_warm", True)):
-      config = runs[name] = default.get_config()
+      config = runs[name] = paper.get_config()
       config.optimizer.switch_from, config.optimizer.warm_start = "adamw", warm
     for config in runs.values():
       config.log_every, config.keep_checkpoints = 1, 4

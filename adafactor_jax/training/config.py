@@ -17,7 +17,7 @@ import numpy as np
 from adafactor_jax.training.configs import default as default_config
 
 # Keys that may be None although their default is not (those whose default is None may too).
-NULLABLE_KEYS = frozenset({"optimizer.clipping_threshold"})
+NULLABLE_KEYS = frozenset({"optimizer.clipping_threshold", "optimizer.learning_rate"})
 MESH_AXES = ("data", "model")
 
 

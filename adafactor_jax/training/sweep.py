@@ -32,7 +32,7 @@ import ml_collections
 from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
 
 from adafactor_jax.training.config import ConfigError
-from adafactor_jax.training.configs import adamw, big_vision, default
+from adafactor_jax.training.configs import adamw, big_vision, default, paper
 
 GRID_FACTOR = 2.0
 INITIAL_POINTS = 3
@@ -71,7 +71,7 @@ def _tuned(base: Callable[[], ml_collections.ConfigDict], **optimizer: Any) -> C
 
 
 ROWS = (
-  Row("adafactor_paper", default.get_config, None),
+  Row("adafactor_paper", paper.get_config, None),
   Row("adafactor", _tuned(default.get_config), 4e-2),
   Row(
     "adafactor_bf16_momentum",
@@ -117,7 +117,9 @@ def sweep(row: Row, train: TrainFn, configure: Callable[[Any], None]) -> dict[st
     config = _run_config(row, learning_rate, seed)
     configure(config)
     if learning_rate is not None:  # after configure: the warmup follows the run's length
+      # In steps, as the runs measured before 'optimizer.warmup_fraction' existed record it.
       config.optimizer.warmup_steps = round(WARMUP_FRACTION * config.num_steps)
+      config.optimizer.warmup_fraction = 0.0
     label = "paper" if learning_rate is None else f"lr{learning_rate:.4g}"
     return train(config, f"{row.name}/{label}_seed{seed}")
 

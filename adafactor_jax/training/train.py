@@ -120,16 +120,29 @@ class _StopOnSignal:
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule | None:
   """The configured schedule: linear warmup, then constant, cosine or rsqrt decay."""
+  # A config.json written before the key existed (the run being switched from) had none.
+  fraction = opt.get("warmup_fraction", 0.0)
   if opt.learning_rate is None:
-    if opt.schedule != "constant" or opt.warmup_steps:
+    if opt.schedule != "constant" or opt.warmup_steps or fraction:
       raise ConfigError(
-        "config keys 'optimizer.schedule' and 'optimizer.warmup_steps' need "
-        "'optimizer.learning_rate'; without one Adafactor uses its relative step size."
+        "config keys 'optimizer.schedule', 'optimizer.warmup_steps' and "
+        "'optimizer.warmup_fraction' need 'optimizer.learning_rate'; without one Adafactor uses "
+        "its relative step size."
       )
     return None
   peak, warmup = opt.learning_rate, opt.warmup_steps
   if peak <= 0:
     raise ConfigError(f"config key 'optimizer.learning_rate' must be > 0, got {peak!r}.")
+  if not 0 <= fraction < 1:
+    raise ConfigError(
+      f"config key 'optimizer.warmup_fraction' must be in [0, 1), got {fraction!r}."
+    )
+  if fraction and warmup:
+    raise ConfigError(
+      f"config keys 'optimizer.warmup_steps' ({warmup!r}) and 'optimizer.warmup_fraction' "
+      f"({fraction!r}) both set a warmup: set one, the other to 0."
+    )
+  warmup = warmup or round(fraction * num_steps)
   if warmup < 0 or warmup >= num_steps:
     raise ConfigError(
       f"config key 'optimizer.warmup_steps' must be in [0, num_steps={num_steps}), got {warmup!r}."
@@ -533,8 +546,9 @@ class Workdir:
       with open(saved) as f:
         previous_config = ml_collections.ConfigDict(json.load(f))
       previous = flatten(previous_config)
-      # A run from before the key existed recorded none: its state is that of telemetry off.
+      # A run from before these keys existed recorded none: telemetry off, no warmup fraction.
       previous.setdefault("optimizer.telemetry", False)
+      previous.setdefault("optimizer.warmup_fraction", 0.0)
       changed = sorted(
         key
         for key in current.keys() | previous.keys()

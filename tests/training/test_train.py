@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,10 +125,12 @@ def run_b(run_a, tmp_path_factory) -> Path:
   shutil.copytree(run_a, workdir)
   shutil.rmtree(workdir / "checkpoints" / "8")
   (workdir / "summary.json").unlink()
-  rc = run_main(
-    *tiny_flags(optimizer__clipping_threshold=None),
-    f"--workdir={workdir}",
+  # The same config as flags on the default job: the paper's relative step, no clipping.
+  paper_step = {"learning_rate": None, "schedule": "constant", "warmup_fraction": 0.0}
+  flags = tiny_flags(
+    optimizer__clipping_threshold=None, **{f"optimizer__{k}": v for k, v in paper_step.items()}
   )
+  rc = run_main(*flags, f"--workdir={workdir}")
   assert rc == 0
   return workdir
 
@@ -241,11 +244,13 @@ def test_run_writes_metrics_plot_summary_and_config(run_a):
 
 def test_cli_paper_row_and_none_override_are_saved_in_config_json(run_a, run_b):
   expected = tiny_config()
-  config_lib.set_config_value(expected, "optimizer.clipping_threshold", None)
+  paper_step = {"learning_rate": None, "schedule": "constant", "warmup_fraction": 0.0}
+  for key, value in {**paper_step, "clipping_threshold": None}.items():
+    config_lib.set_config_value(expected, f"optimizer.{key}", value)
   expected = json.loads(expected.to_json())
   assert expected["optimizer"]["clipping_threshold"] is None
-  # Run A came from configs/paper.py:no_clipping, run B from the default config
-  # with --config.optimizer.clipping_threshold=None: both are this config.
+  # Run A came from configs/paper.py:no_clipping, run B from the default config with the
+  # paper's step and --config.optimizer.clipping_threshold=None: both are this config.
   assert json.loads((run_a / "config.json").read_text()) == expected
   assert json.loads((run_b / "config.json").read_text()) == expected
 
@@ -273,7 +278,7 @@ def test_adafactor_state_is_under_one_percent_of_adamw_at_default_size():
 def adamw_run(tmp_path_factory) -> Path:
   """The tiny run with AdamW to the end, a checkpoint at step 4 and 8."""
   workdir = tmp_path_factory.mktemp("switch") / "adamw"
-  flags = tiny_flags(optimizer__warmup_steps=2)
+  flags = tiny_flags(optimizer__warmup_steps=2, optimizer__warmup_fraction=0.0)
   assert run_main("--config", "adamw", *flags, f"--workdir={workdir}") == 0
   return workdir
 
@@ -423,7 +428,7 @@ BAD_INPUTS = [
   ),
   (
     "schedule_without_lr",
-    ["--config.optimizer.schedule=cosine"],
+    ["--config.optimizer.learning_rate=None"],  # the default job's cosine schedule stays
     ["'optimizer.schedule'", "'optimizer.learning_rate'"],
   ),
   ("missing_corpus", ["--config.data.corpus={tmp}/nowhere"], ["data.corpus", "nowhere"]),
@@ -728,18 +733,34 @@ def test_resolve_config_refuses_naming_the_key(user, fragments):
 
 
 def test_learning_rate_schedule_warms_up_then_decays():
+  assert train.learning_rate_schedule(paper.get_config().optimizer, 100) is None  # rho_t
   opt = default.get_config().optimizer
-  assert train.learning_rate_schedule(opt, 100) is None  # Adafactor's relative step
-  opt.learning_rate, opt.warmup_steps, opt.schedule = 1e-2, 10, "cosine"
-  schedule = train.learning_rate_schedule(opt, 100)
-  values = np.array([float(schedule(t)) for t in range(101)])
-  assert 0 < values[0] < values[5] < values[10]
-  assert np.all(np.diff(values[:11]) > 0)
-  assert values[10] == pytest.approx(1e-2)
-  assert np.all(np.diff(values[10:]) <= 0)
-  assert values[100] < 0.5 * values[10]
-  opt.warmup_steps = 100
-  with pytest.raises(config_lib.ConfigError, match="optimizer.warmup_steps"):
+  opt.learning_rate = 1e-2
+  for warmup_steps, warmup_fraction, warmup in ((10, 0.0, 10), (0, 0.05, 5), (0, 0.0, 0)):
+    opt.warmup_steps, opt.warmup_fraction = warmup_steps, warmup_fraction
+    schedule = train.learning_rate_schedule(opt, 100)
+    values = np.array([float(schedule(t)) for t in range(101)])
+    if warmup:
+      assert 0 < values[0] < values[warmup // 2] < values[warmup]
+      assert np.all(np.diff(values[: warmup + 1]) > 0)
+    assert values[warmup] == pytest.approx(1e-2)
+    assert np.all(np.diff(values[warmup:]) <= 0)
+    assert values[100] < 0.5 * values[warmup]
+  # The fraction follows num_steps: 5% of 1000 steps is 50.
+  opt.warmup_fraction = 0.05
+  values = [float(train.learning_rate_schedule(opt, 1000)(t)) for t in (49, 50, 51)]
+  assert values[0] < values[1] == pytest.approx(1e-2) and values[2] < values[1]
+  bad = [
+    ({"warmup_steps": 100, "warmup_fraction": 0.0}, "'optimizer.warmup_steps' must be in [0, num"),
+    ({"warmup_steps": 0, "warmup_fraction": 1.0}, "'optimizer.warmup_fraction' must be in [0, 1)"),
+    ({"warmup_steps": 10, "warmup_fraction": 0.05}, "(10) and 'optimizer.warmup_fraction' (0.05)"),
+  ]
+  for changes, message in bad:
+    opt.update(changes)
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+      train.learning_rate_schedule(opt, 100)
+  opt.update({"learning_rate": None, "warmup_steps": 0, "schedule": "constant"})
+  with pytest.raises(config_lib.ConfigError, match="'optimizer.warmup_fraction' need"):
     train.learning_rate_schedule(opt, 100)
 
 
@@ -788,6 +809,8 @@ def test_weight_decay_means_adamws_for_every_optimizer(name, learning_rate, step
     "weight_decay": 0.1,
     "momentum": momentum,
     "telemetry": name != "adamw",
+    "schedule": "constant",  # the first step at the full learning rate
+    "warmup_fraction": 0.0,
   }
   for key, value in changes.items():
     config_lib.set_config_value(config, f"optimizer.{key}", value)
@@ -963,7 +986,7 @@ def test_the_switch_suite_runs_adamw_then_adafactor_cold_and_warm(tmp_path):
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
 
 
-@pytest.mark.parametrize("suite", ["default", "paper", "switch"])
+@pytest.mark.parametrize("suite", ["paper", "switch"])
 def test_the_committed_comparison_tables_are_their_results_tables(suite):
   """docs/results/compare_<suite>.md is what adafactor-compare writes from the JSON next to it
   (and the README shows the .md: tests/test_readme.py)."""
@@ -1032,12 +1055,20 @@ def test_run_suite_shrinks_every_run_and_compare_cli_writes_results(tmp_path, mo
     "default", str(tmp_path / "api"), num_steps=2, progress=False, overrides={"model.d_model": 32}
   )
   names = [r["name"] for r in results]
-  assert names == ["adafactor", "adamw_lr0.001", "adamw_lr0.003", "adamw_lr0.01", "big_vision"]
+  assert names == [
+    "adafactor",
+    "adafactor_paper",
+    "adamw_lr0.001",
+    "adamw_lr0.003",
+    "adamw_lr0.01",
+    "big_vision",
+  ]
   assert [os.path.basename(w) for w in trained] == names
   assert all(os.path.dirname(w) == str(tmp_path / "api" / "default") for w in trained)
   configs = list(trained.values())
   assert all(c.num_steps == 2 and c.model.d_model == 32 for c in configs)
-  assert sorted(c.optimizer.learning_rate for c in configs[1:4]) == [1e-3, 3e-3, 1e-2]
+  assert sorted(c.optimizer.learning_rate for c in configs[2:5]) == [1e-3, 3e-3, 1e-2]
+  assert configs[1].optimizer.learning_rate is None  # the paper's relative step
   for result in results:
     assert result["eval_curve"] == [(2, result["final_eval_loss"])]
 
