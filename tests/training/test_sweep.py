@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -261,3 +262,14 @@ def test_the_fair_protocol_end_to_end_on_a_tiny_model(tmp_path):
   assert all(map(math.isfinite, row["seed_losses"]))
   assert compare.run_suite("fair", str(tmp_path), 20, False, tiny, ["adafactor"]) == [row]
   assert sorted((tmp_path / "fair" / "adafactor").iterdir()) == runs
+
+
+def test_the_committed_fair_table_is_its_results_table():
+  """docs/results/fair_default.md is what adafactor-compare --suite fair wrote from the JSON
+  next to it (and the README shows the .md: tests/test_readme.py), every row bracketed."""
+  results_dir = Path(__file__).resolve().parents[2] / "docs" / "results"
+  results = json.loads((results_dir / "fair_default.json").read_text())
+  assert (results_dir / "fair_default.md").read_text() == sweep.table(results) + "\n"
+  assert [r["name"] for r in results] == [row.name for row in sweep.ROWS]
+  assert all(r["bracketed"] in (None, True) for r in results)
+  assert all(len(r["seed_losses"]) == len(sweep.SEEDS) for r in results)
