@@ -1,7 +1,7 @@
 """int8 against float32 momentum on the default job: the loss curves of two seeds each.
 
-The four runs are the default job at the paper's defaults with momentum 0.9 stored in float32 and in int8, seeds
-0 and 1, each in ``<runs>/<dtype>_seed<seed>``::
+The four runs are the default job at the paper's defaults with momentum 0.9 stored in float32
+and in int8, seeds 0 and 1, each in ``<runs>/<dtype>_seed<seed>``::
 
   for seed in 0 1; do for dtype in float32 int8; do
     adafactor-train --config paper:defaults --workdir runs/int8_momentum/${dtype}_seed${seed} \

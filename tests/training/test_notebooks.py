@@ -89,7 +89,13 @@ def test_paper_findings(tmp_path, monkeypatch):
       assert re.search(rf"^\| {label} \| {steps} \|( {number} \|){{5}}$", text, re.M), (label, text)
   verdict = r"^mechanism (seen|NOT seen) \(the paper: .*\): here, steps 1-1, mean max RMS\(U\) "
   assert re.search(verdict, text, re.M), text
-  assert images == 2, text  # the eval-loss panels, then the telemetry's
+  # The fair comparison at the small size: the reference, tuned Adafactor and AdamW, each row's
+  # mean and spread over seeds, then a verdict per target (those of rows not run say so).
+  for row in ("adafactor_paper", "adafactor", "adamw_b2_0.95"):
+    assert re.search(rf"^\| {row} \| [^|]+ \| [^|]+ \| \d+\.\d{{4}} ± \d+\.\d{{4}} \|", text, re.M)
+  targets = re.findall(r"^\[(met|NOT met|-)\] ", text, re.MULTILINE)
+  assert len(targets) == 4 and targets.count("-") == 2, text
+  assert images == 3, text  # the eval-loss panels, the telemetry's, the fair sweep's
 
 
 def test_sharded(tmp_path, monkeypatch):
