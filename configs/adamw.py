@@ -10,6 +10,5 @@ def get_config():
   config = default.get_config()
   config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 3e-3
-  config.optimizer.schedule = "cosine"
   config.optimizer.telemetry = False  # optax.adamw records no telemetry
   return config

@@ -12,7 +12,6 @@ def get_config():
   opt = config.optimizer
   opt.name = "big_vision"
   opt.learning_rate = 3e-3
-  opt.schedule = "cosine"
   opt.momentum = 0.9
   opt.momentum_dtype = "bfloat16"
   opt.beta2_cap = 0.999

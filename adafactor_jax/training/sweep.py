@@ -64,6 +64,7 @@ def _tuned(base: Callable[[], ml_collections.ConfigDict], **optimizer: Any) -> C
   def config() -> ml_collections.ConfigDict:
     c = base()
     c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_steps, c.optimizer.warmup_fraction = 0, WARMUP_FRACTION
     c.optimizer.update(optimizer)
     return c
 
@@ -116,10 +117,6 @@ def sweep(row: Row, train: TrainFn, configure: Callable[[Any], None]) -> dict[st
   def run(learning_rate: float | None, seed: int) -> dict[str, Any]:
     config = _run_config(row, learning_rate, seed)
     configure(config)
-    if learning_rate is not None:  # after configure: the warmup follows the run's length
-      # In steps, as the runs measured before 'optimizer.warmup_fraction' existed record it.
-      config.optimizer.warmup_steps = round(WARMUP_FRACTION * config.num_steps)
-      config.optimizer.warmup_fraction = 0.0
     label = "paper" if learning_rate is None else f"lr{learning_rate:.4g}"
     return train(config, f"{row.name}/{label}_seed{seed}")
 

@@ -513,6 +513,19 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 # --------------------------------------------------------------------------- workdir
 
+WARMUP_KEY = "optimizer.warmup (steps, or warmup_fraction × num_steps)"
+
+
+def _warmup_in_steps(flat_config: dict[str, Any]) -> dict[str, Any]:
+  """A flat config whose warmup keys are replaced by the steps they make, so that a run's
+  warmup written as steps or as a fraction of its length (or from before the fraction
+  existed) is the same run."""
+  flat = dict(flat_config)
+  steps = flat.pop("optimizer.warmup_steps", 0)
+  fraction = flat.pop("optimizer.warmup_fraction", 0.0)
+  flat[WARMUP_KEY] = steps or round(fraction * flat["num_steps"])
+  return flat
+
 
 @dataclasses.dataclass
 class Workdir:
@@ -546,9 +559,9 @@ class Workdir:
       with open(saved) as f:
         previous_config = ml_collections.ConfigDict(json.load(f))
       previous = flatten(previous_config)
-      # A run from before these keys existed recorded none: telemetry off, no warmup fraction.
+      # A run from before this key existed recorded none: telemetry off.
       previous.setdefault("optimizer.telemetry", False)
-      previous.setdefault("optimizer.warmup_fraction", 0.0)
+      current, previous = _warmup_in_steps(current), _warmup_in_steps(previous)
       changed = sorted(
         key
         for key in current.keys() | previous.keys()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -15,7 +15,7 @@ import pytest
 from adafactor_jax.training import compare, sweep, train
 from adafactor_jax.training import config as config_lib
 from adafactor_jax.training.configs import default
-from tests.training.test_train import TINY
+from tests.training.test_train import RESULTS, TINY
 
 CENTRE = {row.name: row.centre for row in sweep.ROWS}
 OFFSET = {  # each row's best learning rate, in grid steps from its centre: some far from it
@@ -118,7 +118,9 @@ def test_every_sweep_is_extended_until_bracketed_then_its_best_rerun_on_every_se
   assert len({json.dumps(c.data.to_dict(), sort_keys=True) for c in configs}) == 1
   assert len({json.dumps(c.model.to_dict(), sort_keys=True) for c in configs}) == 1
   tuned = [c for c in configs if c.optimizer.learning_rate is not None]
-  assert {(c.optimizer.schedule, c.optimizer.warmup_steps) for c in tuned} == {("cosine", 2)}
+  assert {
+    (c.optimizer.schedule, c.optimizer.warmup_steps, c.optimizer.warmup_fraction) for c in tuned
+  } == {("cosine", 0, sweep.WARMUP_FRACTION)}
   assert {c.optimizer.b2 for c in tuned if c.optimizer.name == "adamw"} == {0.95, 0.999}
   assert {c.optimizer.name for c in configs} == {
     "adafactor",
@@ -248,7 +250,19 @@ def test_the_fair_protocol_end_to_end_on_a_tiny_model(tmp_path):
     config = json.loads((run / "config.json").read_text())
     learning_rate = float(run.name.split("_seed")[0].removeprefix("lr"))
     assert config["optimizer"]["learning_rate"] == pytest.approx(learning_rate, rel=1e-3)
-    assert (config["optimizer"]["schedule"], config["optimizer"]["warmup_steps"]) == ("cosine", 1)
+    opt = ml_collections.ConfigDict(config["optimizer"])
+    assert (opt.schedule, opt.warmup_steps, opt.warmup_fraction) == (
+      "cosine",
+      0,
+      sweep.WARMUP_FRACTION,
+    )
+    # 5% of 20 steps: one warmup step, then cosine decay from the run's learning rate.
+    in_steps = ml_collections.ConfigDict({**opt.to_dict(), "warmup_steps": 1, "warmup_fraction": 0})
+    schedules = [train.learning_rate_schedule(o, 20) for o in (opt, in_steps)]
+    values = [[float(schedule(step)) for step in range(21)] for schedule in schedules]
+    assert values[0] == values[1]
+    assert values[0][1] == pytest.approx(learning_rate, rel=1e-3)
+    assert values[0][1] > values[0][2]
     assert config["num_steps"] == 20 and config["model"]["d_model"] == TINY["model.d_model"]
   best = [
     json.loads(
@@ -267,9 +281,8 @@ def test_the_fair_protocol_end_to_end_on_a_tiny_model(tmp_path):
 def test_the_committed_fair_table_is_its_results_table():
   """docs/results/fair_default.md is what adafactor-compare --suite fair wrote from the JSON
   next to it (and the README shows the .md: tests/test_readme.py), every row bracketed."""
-  results_dir = Path(__file__).resolve().parents[2] / "docs" / "results"
-  results = json.loads((results_dir / "fair_default.json").read_text())
-  assert (results_dir / "fair_default.md").read_text() == sweep.table(results) + "\n"
+  results = json.loads((RESULTS / "fair_default.json").read_text())
+  assert (RESULTS / "fair_default.md").read_text() == sweep.table(results) + "\n"
   assert [r["name"] for r in results] == [row.name for row in sweep.ROWS]
   assert all(r["bracketed"] in (None, True) for r in results)
   assert all(len(r["seed_losses"]) == len(sweep.SEEDS) for r in results)
