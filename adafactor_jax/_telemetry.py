@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from adafactor_jax import _checks
+from adafactor_jax.fused import FusedState
 from adafactor_jax.nonfinite import SkipNonfiniteState
 
 RMS_UPDATE = "rms_update_before_clipping"
@@ -137,7 +138,7 @@ def scale_by_learning_rate(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-_NODES = (TelemetryState, SkipNonfiniteState, optax.MultiTransformState)
+_NODES = (TelemetryState, SkipNonfiniteState, optax.MultiTransformState, FusedState)
 
 
 def _is_nnx_variable(x: Any) -> bool:  # duck-typed, so that flax stays optional
@@ -157,35 +158,63 @@ def _collect(
   scope: str,
   steps: dict[str, dict[str, jax.Array]],
   parameters: dict[str, dict[str, dict[str, jax.Array]]],
+  stacked: bool = False,
 ) -> bool:
   """Gathers the figures of ``tree``'s telemetry nodes by scope (a multi_transform
-  label path) and parameter path; True when it found a TelemetryState."""
+  label path) and parameter path; True when it found a TelemetryState. ``stacked``: the
+  states of a stack of layers (``jax.vmap`` of ``init``, as ``FusedState.layers``), whose
+  figures gain the layer as their leading batch axis."""
   found = False
   for node in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, _NODES)):
-    if isinstance(node, optax.MultiTransformState):
+    if isinstance(node, FusedState) and not stacked:
+      found |= _collect(node.rest, scope, steps, parameters)
+      layers: dict[str, dict[str, dict[str, jax.Array]]] = {}
+      found |= _collect(node.layers, scope, steps, layers, stacked=True)
+      for layer_scope, by_parameter in layers.items():
+        into = parameters.setdefault(layer_scope, {})
+        if clash := sorted(into.keys() & by_parameter.keys()):
+          raise ValueError(
+            f"telemetry(): the FusedState's layers and rest both have parameters {clash}: "
+            "give the layers and the other parameters paths of their own."
+          )
+        into.update(by_parameter)
+    elif isinstance(node, optax.MultiTransformState):
       for label, inner in node.inner_states.items():
-        found |= _collect(inner, f"{scope}{label}/", steps, parameters)
+        found |= _collect(inner, f"{scope}{label}/", steps, parameters, stacked)
     elif isinstance(node, SkipNonfiniteState):
-      steps.setdefault(scope, {})[SKIPPED_STEPS] = _value(node.skipped_steps)
-      found |= _collect(node.inner_state, scope, steps, parameters)
+      steps.setdefault(scope, {})[SKIPPED_STEPS] = _per_step(node.skipped_steps, stacked)
+      found |= _collect(node.inner_state, scope, steps, parameters, stacked)
     elif isinstance(node, TelemetryState):
       found = True
-      steps.setdefault(scope, {}).update({k: _value(v) for k, v in node.per_step.items()})
+      steps.setdefault(scope, {}).update(
+        {k: _per_step(v, stacked) for k, v in node.per_step.items()}
+      )
       by_parameter = parameters.setdefault(scope, {})
       for name, figures in node.per_parameter.items():
         values, offset = _value(figures.values), 0
-        if np.ndim(values) != 1:
+        if np.ndim(values) != 1 + stacked:
           raise ValueError(
-            "telemetry() reads one optimizer's state, not states stacked by jax.vmap (as "
-            "fused_train_step's FusedState.layers): read layer i's with "
-            "telemetry(jax.tree.map(lambda x: x[i], state.layers))."
+            "telemetry() reads one optimizer's state, not states stacked by jax.vmap: pass "
+            "fused_train_step's FusedState itself, not its .layers."
           )
+        layer_axis = np.shape(values)[:stacked]
         for path, shape in figures.layout:
           size = math.prod(shape)
-          by_parameter.setdefault(path, {})[name] = values[offset : offset + size].reshape(shape)
+          by_parameter.setdefault(path, {})[name] = values[..., offset : offset + size].reshape(
+            layer_axis + shape
+          )
           offset += size
-      found |= _collect(node.inner_state, scope, steps, parameters)
+      found |= _collect(node.inner_state, scope, steps, parameters, stacked)
+    elif isinstance(node, FusedState):
+      raise ValueError("telemetry(): a FusedState inside a FusedState's layers.")
   return found
+
+
+def _per_step(value: Any, stacked: bool) -> Any:
+  """A per-step figure; of a stack of layers, its first layer's: every layer takes every step
+  (fused_train_step updates them all), so their counts, and the figures, are the same."""
+  value = _value(value)
+  return value[0] if stacked else value
 
 
 def _rms_step(figures: dict[str, jax.Array], step_size: jax.Array) -> jax.Array:
@@ -240,7 +269,11 @@ def telemetry(opt_state: optax.OptState) -> dict[str, jax.Array]:
   A stack of scanned layers (batch axis of size 12) gives one entry per layer,
   the index in brackets after the path:
   ``'h/mlp/c_fc/kernel[3]/rms_update_before_clipping'`` (``[i,j]`` for two
-  batch axes).
+  batch axes). So does the :class:`FusedState` of :func:`fused_train_step`,
+  whose ``layers`` hold one state per layer: each layer's figures under the
+  path within a layer with the layer's index first (``'mlp/kernel[3]/...'``),
+  beside those of ``rest``; the per-step figures are every layer's (each layer
+  takes every step).
 
   Args:
     opt_state: the optimizer's state.

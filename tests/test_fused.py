@@ -275,24 +275,42 @@ def test_the_readmes_worked_example_trains():
   assert len(losses) == 20 and losses[-1] < 0.8 * losses[0], losses
 
 
-def test_telemetry_of_a_fused_state_is_read_one_layer_at_a_time():
-  """telemetry() of the stacked layers' state refuses by name and says how; each layer's
-  figures are then those of that layer alone."""
+def test_telemetry_of_a_fused_state_names_each_layer_by_its_index():
+  """telemetry(FusedState) gives each layer's figures under its index, the figures of that
+  layer's state alone, beside rest's, on the host and inside jit; the stacked .layers alone
+  are refused, naming what to pass."""
   layers, rest = gpt.init_params(CONFIG)
   tx = adafactor_jax.adafactor(telemetry=True)
   fused = adafactor_jax.fused_train_step(tx, embed=gpt.embed, layer=gpt.layer, head=gpt.head)
   state = fused.init(layers, rest)
-  layers, rest, state, _ = jax.jit(fused.step)(layers, rest, state, gpt.random_batch(CONFIG, 0))
-  with pytest.raises(ValueError, match=r"telemetry\(jax.tree.map\(lambda x: x\[i\], state.layers"):
-    adafactor_jax.telemetry(state)
+  step = jax.jit(fused.step)
+  layers, rest, state, _ = step(layers, rest, state, gpt.random_batch(CONFIG, 0))
+  before_second = jax.tree.map(np.asarray, layers)
+  layers, rest, state, _ = step(layers, rest, state, gpt.random_batch(CONFIG, 1))
+  figures = adafactor_jax.telemetry(state)
   per_layer = [
     adafactor_jax.telemetry(jax.tree.map(lambda x, i=i: x[i], state.layers))
     for i in range(CONFIG.n_layers)
   ]
-  name = "mlp/c_fc/kernel/parameter_scale"
+  of_rest = adafactor_jax.telemetry(state.rest)
+  expected = dict(of_rest)
+  for i, layer_figures in enumerate(per_layer):
+    for name, value in layer_figures.items():
+      path, _, figure = name.rpartition("/")
+      if path:  # per parameter: the layer's index first
+        expected[f"{path}[{i}]/{figure}"] = value
+      else:  # per step: every layer's is the same as rest's
+        assert value == of_rest[name], name
+  assert figures.keys() == expected.keys()
+  assert all(figures[name] == expected[name] for name in figures)
   # Each layer's parameter scale is the RMS of its own kernel before the step (at least 1e-3).
-  start, _ = gpt.init_params(CONFIG)
-  for i, figures in enumerate(per_layer):
-    kernel = np.asarray(start["mlp"]["c_fc"]["kernel"][i], np.float64)
-    assert figures[name] == pytest.approx(max(1e-3, np.sqrt(np.mean(kernel**2))), rel=1e-5)
-  assert adafactor_jax.telemetry(state.rest)["beta2"] == per_layer[0]["beta2"] == 0.0
+  for i in range(CONFIG.n_layers):
+    kernel = np.asarray(before_second["mlp"]["c_fc"]["kernel"][i], np.float64)
+    rms = max(1e-3, np.sqrt(np.mean(kernel**2)))
+    assert figures[f"mlp/c_fc/kernel[{i}]/parameter_scale"] == pytest.approx(rms, rel=1e-5)
+  assert figures["beta2"] == pytest.approx(1 - 2**-0.8)
+  traced = jax.jit(adafactor_jax.telemetry)(state)
+  assert traced.keys() == figures.keys()
+  assert all(np.asarray(traced[name]) == figures[name] for name in figures)
+  with pytest.raises(ValueError, match=r"pass fused_train_step's FusedState itself"):
+    adafactor_jax.telemetry(state.layers)

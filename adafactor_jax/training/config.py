@@ -184,11 +184,6 @@ def _check_fused_backward(config: ml_collections.ConfigDict) -> None:
       "cannot skip a whole step on a non-finite gradient ('optimizer.skip_nonfinite'): the "
       "last layers are updated before the first layers' gradients exist"
     )
-  elif opt.get("telemetry", False):
-    cannot = (
-      "keeps each layer's state stacked, which the job's telemetry does not read yet: pass "
-      "--config.optimizer.telemetry=False too"
-    )
   elif opt.stochastic_rounding:
     cannot = (
       "cannot round stochastically ('optimizer.stochastic_rounding'): each layer's update "

@@ -236,6 +236,13 @@ def join_layers(layers: nnx.State, rest: nnx.State) -> nnx.State:
   return nnx.State({**rest.raw_mapping, "blocks": layers.raw_mapping})
 
 
+def _one_layer_tree(params: nnx.State) -> nnx.State:
+  """The blocks' parameters (still stacked) and the other parameters in one tree, at the paths
+  the fused step's optimizer sees them (as _one_layer_axes)."""
+  layers, rest = split_layers(params)
+  return nnx.State({**rest.raw_mapping, **layers.raw_mapping})
+
+
 def _one_layer_axes(param_axes: Any) -> Any:
   """The logical names that the fused step's optimizer sees: one block (its 'layers' axis
   dropped) and the other parameters, in one tree (their paths do not collide)."""
@@ -832,9 +839,9 @@ def train_and_evaluate(
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   train_step, evaluate = make_steps(graphdef, tx, shardings)
   telemetry = config.optimizer.telemetry
-  param_sizes = {
-    _param_path(p): x.size for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)
-  }
+  # By the paths the telemetry names: a fused state's are those within one block.
+  sized = _one_layer_tree(abstract_params) if config.optimizer.fused_backward else abstract_params
+  param_sizes = {_param_path(p): x.size for p, x in jax.tree_util.tree_leaves_with_path(sized)}
   data_key, eval_key = jax.random.split(jax.random.key(config.seed))
   batch_size, seq_len = config.data.batch_size, config.data.seq_len
   eval_data = input_pipeline.eval_batches(

@@ -34,8 +34,7 @@ SCANNED = [
   "--config.model.scan_layers=True",
   "--config.optimizer.momentum=0.9",
 ]
-# Telemetry off: the job does not read a per-layer state's figures yet (refused, tested below).
-FUSED = [*SCANNED, "--config.optimizer.fused_backward=True", "--config.optimizer.telemetry=False"]
+FUSED = [*SCANNED, "--config.optimizer.fused_backward=True"]
 INT8 = ["--config.optimizer.momentum=0.9", "--config.optimizer.momentum_dtype=int8"]
 
 
@@ -79,6 +78,22 @@ def test_the_fused_job_trains_like_the_unfused_one(runs):
     r["train_loss"] for r in read_jsonl(runs["fused"] / "metrics.jsonl") if "train_loss" in r
   ]
   assert losses[-1] < losses[0]
+
+
+def test_the_fused_jobs_telemetry_is_the_unfused_ones(runs):
+  """The optimizer's figures, read from the per-layer state (each block's slice of a stacked
+  parameter), summarize as the unfused job's with the 'layers' axis a batch axis."""
+  fused, unfused = (
+    [r for r in read_jsonl(runs[name] / "metrics.jsonl") if "train_loss" in r]
+    for name in ("fused", "unfused")
+  )
+  figures = ("rms_update_max", "rms_update_median", "clipped_fraction", "step_size", "beta2")
+  assert [r["step"] for r in fused] == [r["step"] for r in unfused] and fused
+  for got, expected in zip(fused, unfused, strict=True):
+    assert got.keys() == expected.keys() and set(figures) <= got.keys()
+    for key in (*figures, "clipped_fraction_by_size"):
+      assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), (got["step"], key)
+  assert (runs["fused"] / "optimizer.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_the_fused_jobs_state_is_per_layer(runs):
@@ -140,10 +155,9 @@ def test_int8_momentum_from_the_config_is_stored_in_int8(runs):
     ),
     (["--config.optimizer.skip_nonfinite=True"], "cannot skip a whole step"),
     (["--config.optimizer.stochastic_rounding=True"], "cannot round stochastically"),
-    (["--config.optimizer.telemetry=True"], "pass --config.optimizer.telemetry=False too"),
     (["--config.optimizer.switch_from=adamw"], "cannot switch optimizers mid-run"),
   ],
-  ids=["unscanned_model", "adamw", "skip_nonfinite", "stochastic_rounding", "telemetry", "switch"],
+  ids=["unscanned_model", "adamw", "skip_nonfinite", "stochastic_rounding", "switch"],
 )
 def test_what_the_fused_step_cannot_do_is_refused_naming_the_key(flags, fragment, tmp_path, capsys):
   workdir = tmp_path / "run"
