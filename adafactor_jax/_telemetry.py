@@ -166,18 +166,8 @@ def _collect(
   figures gain the layer as their leading batch axis."""
   found = False
   for node in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, _NODES)):
-    if isinstance(node, FusedState) and not stacked:
-      found |= _collect(node.rest, scope, steps, parameters)
-      layers: dict[str, dict[str, dict[str, jax.Array]]] = {}
-      found |= _collect(node.layers, scope, steps, layers, stacked=True)
-      for layer_scope, by_parameter in layers.items():
-        into = parameters.setdefault(layer_scope, {})
-        if clash := sorted(into.keys() & by_parameter.keys()):
-          raise ValueError(
-            f"telemetry(): the FusedState's layers and rest both have parameters {clash}: "
-            "give the layers and the other parameters paths of their own."
-          )
-        into.update(by_parameter)
+    if isinstance(node, FusedState):
+      found |= _collect_fused(node, scope, steps, parameters)
     elif isinstance(node, optax.MultiTransformState):
       for label, inner in node.inner_states.items():
         found |= _collect(inner, f"{scope}{label}/", steps, parameters, stacked)
@@ -192,12 +182,13 @@ def _collect(
       by_parameter = parameters.setdefault(scope, {})
       for name, figures in node.per_parameter.items():
         values, offset = _value(figures.values), 0
-        if np.ndim(values) != 1 + stacked:
+        if np.ndim(values) != (2 if stacked else 1):
           raise ValueError(
-            "telemetry() reads one optimizer's state, not states stacked by jax.vmap: pass "
-            "fused_train_step's FusedState itself, not its .layers."
+            "opt_state holds optimizer states stacked by jax.vmap (as FusedState.layers): "
+            "pass fused_train_step's FusedState whole, or one layer's state, "
+            "jax.tree.map(lambda x: x[i], state.layers)."
           )
-        layer_axis = np.shape(values)[:stacked]
+        layer_axis = np.shape(values)[:1] if stacked else ()
         for path, shape in figures.layout:
           size = math.prod(shape)
           by_parameter.setdefault(path, {})[name] = values[..., offset : offset + size].reshape(
@@ -205,8 +196,29 @@ def _collect(
           )
           offset += size
       found |= _collect(node.inner_state, scope, steps, parameters, stacked)
-    elif isinstance(node, FusedState):
-      raise ValueError("telemetry(): a FusedState inside a FusedState's layers.")
+  return found
+
+
+def _collect_fused(
+  state: FusedState,
+  scope: str,
+  steps: dict[str, dict[str, jax.Array]],
+  parameters: dict[str, dict[str, dict[str, jax.Array]]],
+) -> bool:
+  """``_collect`` of fused_train_step's state: rest's figures, and each layer's, indexed by
+  the layer, beside them."""
+  found = _collect(state.rest, scope, steps, parameters)
+  layers: dict[str, dict[str, dict[str, jax.Array]]] = {}
+  found |= _collect(state.layers, scope, steps, layers, stacked=True)
+  for layer_scope, by_parameter in layers.items():
+    into = parameters.setdefault(layer_scope, {})
+    if clash := sorted(into.keys() & by_parameter.keys()):
+      raise ValueError(
+        f"opt_state is a FusedState whose layers and rest both have parameters {clash}: "
+        "telemetry() names each layer's figures by its path, so give the two trees paths of "
+        "their own."
+      )
+    into.update(by_parameter)
   return found
 
 
@@ -285,7 +297,9 @@ def telemetry(opt_state: optax.OptState) -> dict[str, jax.Array]:
     ``jax.jit``.
 
   Raises:
-    ValueError: when ``opt_state`` records no telemetry.
+    ValueError: when ``opt_state`` records no telemetry; is the stacked
+      ``FusedState.layers`` alone; or is a ``FusedState`` whose ``layers`` and
+      ``rest`` have parameters of the same path.
   """
   steps: dict[str, dict[str, jax.Array]] = {}
   parameters: dict[str, dict[str, dict[str, jax.Array]]] = {}

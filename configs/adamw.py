@@ -1,6 +1,6 @@
 """AdamW baseline on the default job: linear warmup (the default 5% of the run), then cosine decay.
 
-The comparison suite sweeps its learning rate (adafactor-compare --suite default).
+The fair comparison sweeps its learning rate (adafactor-compare --suite fair).
 """
 
 from adafactor_jax.training.configs import default

@@ -312,5 +312,5 @@ def test_telemetry_of_a_fused_state_names_each_layer_by_its_index():
   traced = jax.jit(adafactor_jax.telemetry)(state)
   assert traced.keys() == figures.keys()
   assert all(np.asarray(traced[name]) == figures[name] for name in figures)
-  with pytest.raises(ValueError, match=r"pass fused_train_step's FusedState itself"):
+  with pytest.raises(ValueError, match=r"pass fused_train_step's FusedState whole"):
     adafactor_jax.telemetry(state.layers)

@@ -185,6 +185,47 @@ def test_names_per_slice_and_per_path():
   np.testing.assert_allclose(float(figures["experts[1,2]/rms_update_before_clipping"]), 1.0)
 
 
+def test_a_fused_state_names_each_layer_by_its_index_first():
+  """fused_train_step's FusedState (each layer's state stacked by jax.vmap, rest's apart):
+  layer k's figures are those of its own state, under k then the slice's own batch axes,
+  inside multi_transform too, with rest's beside them; a path in both trees is refused."""
+  layer = {"experts": jnp.ones((2, 128, 160)), "norm": jnp.ones((128,))}
+  layers = jax.tree.map(lambda x: jnp.stack([x, 2 * x, 3 * x]), layer)  # RMS k + 1
+  rest = {"embed": jnp.ones((256, 128))}
+  factor_dims = [("experts", FactorAxes(row=(1,), col=(2,), batch=(0,)))]
+  tx = optax.multi_transform(
+    {
+      "matrices": adafactor_jax.adafactor(factor_dims=factor_dims, telemetry=True),
+      "vectors": adafactor_jax.adafactor(1e-3, telemetry=True),
+    },
+    lambda tree: jax.tree.map(lambda x: "matrices" if x.ndim > 1 else "vectors", tree),
+  )
+  layer_states = jax.vmap(tx.update)(layers, jax.vmap(tx.init)(layers), layers)[1]
+  state = adafactor_jax.FusedState(layer_states, tx.update(rest, tx.init(rest), rest)[1])
+  figures = adafactor_jax.telemetry(state)
+  expected = adafactor_jax.telemetry(state.rest)
+  for k in range(3):
+    own = adafactor_jax.telemetry(jax.tree.map(lambda x, k=k: x[k], state.layers))
+    for name, value in own.items():
+      path, _, figure = name.rpartition("/")
+      if figure in ("beta2", "step_size"):  # per step, by label: every layer's is rest's
+        assert value == expected[name], name
+      elif "[" in path:  # experts[j]: the layer's index first
+        expected[path.replace("[", f"[{k},") + "/" + figure] = value
+      else:
+        expected[f"{path}[{k}]/{figure}"] = value
+  assert figures.keys() == expected.keys()
+  assert all(figures[name] == expected[name] for name in figures)
+  assert "experts[2,1]/parameter_scale" in figures and "vectors/step_size" in figures
+  for k in range(3):
+    assert figures[f"experts[{k},1]/parameter_scale"] == pytest.approx(k + 1)
+    assert figures[f"norm[{k}]/parameter_scale"] == pytest.approx(k + 1)
+  assert figures["embed/parameter_scale"] == pytest.approx(1.0)
+  clashing = adafactor_jax.FusedState(state.layers, tx.init({"norm": jnp.ones((128,))}))
+  with pytest.raises(ValueError, match=r"opt_state is a FusedState .* parameters \['norm'\]"):
+    adafactor_jax.telemetry(clashing)
+
+
 def test_a_skipped_step_leaves_the_figures_and_counts_itself():
   params = make_params()
   tx = adafactor_jax.adafactor(telemetry=True, skip_nonfinite=True)

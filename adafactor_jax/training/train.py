@@ -118,6 +118,11 @@ class _StopOnSignal:
 # --------------------------------------------------------------------------- optimizer
 
 
+def warmup_steps(steps: int, fraction: float, num_steps: int) -> int:
+  """The steps of warmup that 'optimizer.warmup_steps' or 'optimizer.warmup_fraction' make."""
+  return steps or round(fraction * num_steps)
+
+
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule | None:
   """The configured schedule: linear warmup, then constant, cosine or rsqrt decay."""
   # A config.json written before the key existed (the run being switched from) had none.
@@ -142,7 +147,7 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> op
       f"config keys 'optimizer.warmup_steps' ({warmup!r}) and 'optimizer.warmup_fraction' "
       f"({fraction!r}) both set a warmup: set one, the other to 0."
     )
-  warmup = warmup or round(fraction * num_steps)
+  warmup = warmup_steps(warmup, fraction, num_steps)
   if warmup < 0 or warmup >= num_steps:
     raise ConfigError(
       f"config key 'optimizer.warmup_steps' must be in [0, num_steps={num_steps}), got {warmup!r}."
@@ -234,13 +239,6 @@ def split_layers(params: nnx.State) -> tuple[nnx.State, nnx.State]:
 def join_layers(layers: nnx.State, rest: nnx.State) -> nnx.State:
   """The params again, from what split_layers gave."""
   return nnx.State({**rest.raw_mapping, "blocks": layers.raw_mapping})
-
-
-def _one_layer_tree(params: nnx.State) -> nnx.State:
-  """The blocks' parameters (still stacked) and the other parameters in one tree, at the paths
-  the fused step's optimizer sees them (as _one_layer_axes)."""
-  layers, rest = split_layers(params)
-  return nnx.State({**rest.raw_mapping, **layers.raw_mapping})
 
 
 def _one_layer_axes(param_axes: Any) -> Any:
@@ -520,17 +518,17 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 # --------------------------------------------------------------------------- workdir
 
-WARMUP_KEY = "optimizer.warmup (steps, or warmup_fraction × num_steps)"
+WARMUP_KEY = "optimizer.warmup_steps/warmup_fraction"
 
 
 def _warmup_in_steps(flat_config: dict[str, Any]) -> dict[str, Any]:
-  """A flat config whose warmup keys are replaced by the steps they make, so that a run's
-  warmup written as steps or as a fraction of its length (or from before the fraction
-  existed) is the same run."""
+  """A flat config whose warmup keys are replaced by the steps they make (WARMUP_KEY), so
+  that a warmup written as steps or as a fraction of the run (or from before the fraction
+  existed) is the same run, and one that a longer run's fraction lengthens is not."""
   flat = dict(flat_config)
   steps = flat.pop("optimizer.warmup_steps", 0)
   fraction = flat.pop("optimizer.warmup_fraction", 0.0)
-  flat[WARMUP_KEY] = steps or round(fraction * flat["num_steps"])
+  flat[WARMUP_KEY] = warmup_steps(steps, fraction, flat.get("num_steps", 0))
   return flat
 
 
@@ -560,7 +558,8 @@ class Workdir:
     source = None
     saved = self.file("config.json")
     if os.path.exists(saved):
-      # A cosine schedule's length is num_steps: extending such a run would change its past.
+      # A cosine schedule's length is num_steps, and so is a warmup_fraction's: extending such
+      # a run would change its past.
       extra = ("num_steps",) if config.optimizer.schedule == "cosine" else ()
       current = flatten(ml_collections.ConfigDict(json.loads(config.to_json())))
       with open(saved) as f:
@@ -581,6 +580,11 @@ class Workdir:
         and all(key.startswith("optimizer.") or key == "num_steps" for key in changed)
       )
       if changed and not switching:
+        if WARMUP_KEY in changed:
+          changed[changed.index(WARMUP_KEY)] = (
+            f"{WARMUP_KEY}: {previous[WARMUP_KEY]} warmup steps, this config "
+            f"{current[WARMUP_KEY]} at num_steps={config.num_steps}"
+          )
         hint = ""
         if switch_from is not None:
           hint = (
@@ -748,6 +752,16 @@ def plot_optimizer(records: list[dict], path: str, title: str) -> None:
   fig.savefig(path, dpi=100)
 
 
+def _under_blocks(figures: dict[str, Any], block_paths: set[str]) -> dict[str, Any]:
+  """Telemetry of the fused step's state names a block's parameters as one block's
+  (``'mlp_in/kernel[3]/...'``, of ``block_paths``): here under ``'blocks/'``, as the
+  unfused job names the scanned stack's, so that the two runs' figures compare."""
+  return {
+    f"blocks/{name}" if name.partition("[")[0] in block_paths else name: value
+    for name, value in figures.items()
+  }
+
+
 def tensorboard_scalars(
   train_loss: float, aggregates: dict[str, float], figures: dict[str, Any]
 ) -> dict[str, float]:
@@ -839,9 +853,13 @@ def train_and_evaluate(
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   train_step, evaluate = make_steps(graphdef, tx, shardings)
   telemetry = config.optimizer.telemetry
-  # By the paths the telemetry names: a fused state's are those within one block.
-  sized = _one_layer_tree(abstract_params) if config.optimizer.fused_backward else abstract_params
-  param_sizes = {_param_path(p): x.size for p, x in jax.tree_util.tree_leaves_with_path(sized)}
+  param_sizes = {
+    _param_path(p): x.size for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)
+  }
+  block_paths = set()
+  if config.optimizer.fused_backward:
+    layers, _ = split_layers(abstract_params)
+    block_paths = {_param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(layers)}
   data_key, eval_key = jax.random.split(jax.random.key(config.seed))
   batch_size, seq_len = config.data.batch_size, config.data.seq_len
   eval_data = input_pipeline.eval_batches(
@@ -942,6 +960,7 @@ def train_and_evaluate(
         rate = len(window) / (time.perf_counter() - window_start)
         # A few hundred replicated scalars of the last step, read on the host at log steps only.
         figures = adafactor_jax.telemetry(opt_state) if telemetry and main_process else {}
+        figures = _under_blocks(figures, block_paths)
         aggregates = optimizer_aggregates(figures, param_sizes)
         records.append(
           {"step": done, "train_loss": train_loss, "steps_per_sec": rate, **aggregates}

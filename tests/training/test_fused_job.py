@@ -27,6 +27,7 @@ from tests.training.test_train import (
   tiny_flags,
   without_rate,
 )
+from tests.training.test_train_telemetry import _events, _scalars
 
 # Two blocks, so that the backward pass updates one before the other's gradient exists.
 SCANNED = [
@@ -81,19 +82,32 @@ def test_the_fused_job_trains_like_the_unfused_one(runs):
 
 
 def test_the_fused_jobs_telemetry_is_the_unfused_ones(runs):
-  """The optimizer's figures, read from the per-layer state (each block's slice of a stacked
-  parameter), summarize as the unfused job's with the 'layers' axis a batch axis."""
-  fused, unfused = (
+  """The optimizer's figures, read from the per-layer state, are the unfused job's with the
+  'layers' axis a batch axis: every TensorBoard tag (each block's slice of a stacked parameter
+  under 'blocks/') and every summary in metrics.jsonl, to float tolerance."""
+  (fused,), (unfused,) = (_scalars_of(runs[name]) for name in ("fused", "unfused"))
+  assert fused.keys() == unfused.keys()
+  assert "clipping_denominator/blocks/mlp_in/kernel_1_" in fused  # TensorBoard's '[1]'
+  for tag, by_step in unfused.items():
+    assert fused[tag].keys() == by_step.keys(), tag
+    for step, value in by_step.items():
+      assert fused[tag][step] == pytest.approx(value, rel=1e-5, abs=1e-7), (tag, step)
+  records = [
     [r for r in read_jsonl(runs[name] / "metrics.jsonl") if "train_loss" in r]
     for name in ("fused", "unfused")
-  )
-  figures = ("rms_update_max", "rms_update_median", "clipped_fraction", "step_size", "beta2")
-  assert [r["step"] for r in fused] == [r["step"] for r in unfused] and fused
-  for got, expected in zip(fused, unfused, strict=True):
+  ]
+  figures = ("rms_update_max", "clipped_fraction", "clipped_fraction_by_size", "beta2")
+  for got, expected in zip(*records, strict=True):
     assert got.keys() == expected.keys() and set(figures) <= got.keys()
-    for key in (*figures, "clipped_fraction_by_size"):
+    for key in figures:
       assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), (got["step"], key)
+  # Some updates clipped and some not, so that the share by size weighs the blocks' slices.
+  assert any(0 < r["clipped_fraction"] < 1 for r in records[0])
   assert (runs["fused"] / "optimizer.png").read_bytes().startswith(b"\x89PNG")
+
+
+def _scalars_of(workdir: Path) -> list[dict[str, dict[int, float]]]:
+  return [_scalars(events) for events in _events(workdir)]
 
 
 def test_the_fused_jobs_state_is_per_layer(runs):

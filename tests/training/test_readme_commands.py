@@ -21,7 +21,7 @@ from tests.readme import code_blocks
 from tests.training.test_train import PROG, TINY
 
 TIMEOUT_S = 600
-# Longer than the tiny run: the packaged configs warm up for 50 steps.
+# Longer than the tiny run: a few log, eval and checkpoint steps in each command's run.
 SMALL = {**TINY, "num_steps": 60, "log_every": 10, "eval_every": 30, "checkpoint_every": 30}
 SMALL_FLAGS = " ".join(f"--config.{key}={value}" for key, value in SMALL.items())
 

@@ -534,24 +534,33 @@ def test_workdir_of_a_different_run_is_refused_and_left_untouched(run_a, tmp_pat
 def test_a_warmup_in_steps_or_as_a_fraction_of_the_run_is_the_same_run(tmp_path):
   """The workdir compares the warmup a run makes, not how its config wrote it: runs recorded
   with warmup steps (or before warmup_fraction existed) resume under the fraction that makes
-  the same steps, and no other."""
+  the same steps, and no other; a fraction that a longer run lengthens is another run."""
   recorded = default.get_config()
   recorded.optimizer.warmup_steps, recorded.optimizer.warmup_fraction = 50, 0.0
   saved = json.loads(recorded.to_json())
+  without_fraction = {k: v for k, v in saved["optimizer"].items() if k != "warmup_fraction"}
   workdir = train.Workdir(str(tmp_path))
-  for old_style in (
-    saved,
-    {**saved, "optimizer": {k: v for k, v in saved["optimizer"].items() if k != "warmup_fraction"}},
-  ):
+  for old_style in (saved, {**saved, "optimizer": without_fraction}):
     (tmp_path / "config.json").write_text(json.dumps(old_style))
     config = default.get_config()
     assert (config.num_steps, config.optimizer.warmup_fraction) == (1000, 0.05)
     assert workdir.check(config, None) is None
     config.optimizer.warmup_fraction = 0.1
-    with pytest.raises(config_lib.ConfigError, match=re.escape(train.WARMUP_KEY)):
+    message = "(optimizer.warmup_steps/warmup_fraction: 50 warmup steps, this config 100 at "
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message + "num_steps=1000)")):
       workdir.check(config, None)
     config.optimizer.warmup_steps, config.optimizer.warmup_fraction = 50, 0.0
     assert workdir.check(config, None) is None
+  # A constant schedule may run longer, but not with a warmup that grows with it.
+  recorded.optimizer.schedule, recorded.optimizer.warmup_steps = "constant", 0
+  recorded.optimizer.warmup_fraction = 0.05
+  (tmp_path / "config.json").write_text(recorded.to_json())
+  config = ml_collections.ConfigDict(recorded.to_dict())
+  config.num_steps = 2000
+  with pytest.raises(config_lib.ConfigError, match=re.escape(message + "num_steps=2000)")):
+    workdir.check(config, None)
+  config.optimizer.warmup_steps, config.optimizer.warmup_fraction = 50, 0.0
+  assert workdir.check(config, None) is None
   assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
