@@ -13,6 +13,7 @@ import adafactor_jax
 from benchmarks import gpt, memory
 from tests.conftest import relative_error
 from tests.reference import Options, Reference
+from tests.test_telemetry import fused_figures_from_parts
 
 CONFIG = gpt.Config(d_model=128, n_layers=3, vocab=256, seq_len=32, batch=2)
 STEPS = 4
@@ -288,19 +289,7 @@ def test_telemetry_of_a_fused_state_names_each_layer_by_its_index():
   before_second = jax.tree.map(np.asarray, layers)
   layers, rest, state, _ = step(layers, rest, state, gpt.random_batch(CONFIG, 1))
   figures = adafactor_jax.telemetry(state)
-  per_layer = [
-    adafactor_jax.telemetry(jax.tree.map(lambda x, i=i: x[i], state.layers))
-    for i in range(CONFIG.n_layers)
-  ]
-  of_rest = adafactor_jax.telemetry(state.rest)
-  expected = dict(of_rest)
-  for i, layer_figures in enumerate(per_layer):
-    for name, value in layer_figures.items():
-      path, _, figure = name.rpartition("/")
-      if path:  # per parameter: the layer's index first
-        expected[f"{path}[{i}]/{figure}"] = value
-      else:  # per step: every layer's is the same as rest's
-        assert value == of_rest[name], name
+  expected = fused_figures_from_parts(state)
   assert figures.keys() == expected.keys()
   assert all(figures[name] == expected[name] for name in figures)
   # Each layer's parameter scale is the RMS of its own kernel before the step (at least 1e-3).

@@ -203,17 +203,7 @@ def test_a_fused_state_names_each_layer_by_its_index_first():
   layer_states = jax.vmap(tx.update)(layers, jax.vmap(tx.init)(layers), layers)[1]
   state = adafactor_jax.FusedState(layer_states, tx.update(rest, tx.init(rest), rest)[1])
   figures = adafactor_jax.telemetry(state)
-  expected = adafactor_jax.telemetry(state.rest)
-  for k in range(3):
-    own = adafactor_jax.telemetry(jax.tree.map(lambda x, k=k: x[k], state.layers))
-    for name, value in own.items():
-      path, _, figure = name.rpartition("/")
-      if figure in ("beta2", "step_size"):  # per step, by label: every layer's is rest's
-        assert value == expected[name], name
-      elif "[" in path:  # experts[j]: the layer's index first
-        expected[path.replace("[", f"[{k},") + "/" + figure] = value
-      else:
-        expected[f"{path}[{k}]/{figure}"] = value
+  expected = fused_figures_from_parts(state)
   assert figures.keys() == expected.keys()
   assert all(figures[name] == expected[name] for name in figures)
   assert "experts[2,1]/parameter_scale" in figures and "vectors/step_size" in figures
@@ -224,6 +214,25 @@ def test_a_fused_state_names_each_layer_by_its_index_first():
   clashing = adafactor_jax.FusedState(state.layers, tx.init({"norm": jnp.ones((128,))}))
   with pytest.raises(ValueError, match=r"opt_state is a FusedState .* parameters \['norm'\]"):
     adafactor_jax.telemetry(clashing)
+
+
+def fused_figures_from_parts(state: adafactor_jax.FusedState) -> dict:
+  """telemetry of a FusedState built from its parts' own: rest's figures, and each layer's
+  slice's per-parameter figures under the layer's index first (``path[k]``, or ``path[k,j]``
+  where the slice has batch axes); per-step figures, the same in every layer, are rest's."""
+  expected = adafactor_jax.telemetry(state.rest)
+  per_step = dict(expected)
+  for k in range(len(jax.tree.leaves(state.layers)[0])):
+    own = adafactor_jax.telemetry(jax.tree.map(lambda x, k=k: x[k], state.layers))
+    for name, value in own.items():
+      path, _, figure = name.rpartition("/")
+      if name in per_step:
+        assert value == per_step[name], name
+      elif "[" in path:
+        expected[path.replace("[", f"[{k},") + "/" + figure] = value
+      else:
+        expected[f"{path}[{k}]/{figure}"] = value
+  return expected
 
 
 def test_a_skipped_step_leaves_the_figures_and_counts_itself():

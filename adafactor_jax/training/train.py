@@ -960,7 +960,8 @@ def train_and_evaluate(
         rate = len(window) / (time.perf_counter() - window_start)
         # A few hundred replicated scalars of the last step, read on the host at log steps only.
         figures = adafactor_jax.telemetry(opt_state) if telemetry and main_process else {}
-        figures = _under_blocks(figures, block_paths)
+        if block_paths:  # the fused step's
+          figures = _under_blocks(figures, block_paths)
         aggregates = optimizer_aggregates(figures, param_sizes)
         records.append(
           {"step": done, "train_loss": train_loss, "steps_per_sec": rate, **aggregates}
