@@ -19,10 +19,8 @@ from the JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +33,7 @@ import optax
 
 import adafactor_jax
 from benchmarks import gpt
-from benchmarks.run import parse_names, sgd
+from benchmarks.run import environment, parse_names, sgd
 
 GIB = 2**30
 BUDGETS = {"16 GiB": 16 * GIB, "80 GiB": 80 * GIB}
@@ -147,13 +145,7 @@ def largest_that_fits(points: Sequence[tuple[int, int]], budget: float) -> dict[
 def run(sizes: Sequence[str], optimizers: Sequence[str], dtypes: Sequence[str]) -> dict[str, Any]:
   """Every figure: peak per size, dtype and optimizer, and the largest that fits."""
   results: dict[str, Any] = {
-    "environment": {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "platform": jax.devices()[0].platform,
-      "jax": jax.__version__,
-      "optax": optax.__version__,
-      "python": platform.python_version(),
-    },
+    "environment": environment(),
     "settings": {"batch": BATCH, "seq_len": SEQ_LEN, "vocab": gpt.Config(1, 1).vocab},
     "budgets": BUDGETS,
     "sizes": {name: {**SIZES[name]._asdict(), "params": SIZES[name].params} for name in sizes},
@@ -190,6 +182,13 @@ def _params(n: float | None) -> str:
   return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
 
+def _machine(env: dict[str, Any]) -> str:
+  """' on <cpu> (<n> cores)', where the JSON records the machine."""
+  if not env.get("cpu"):
+    return ""
+  return f" on {env['cpu']} ({env['cpu_count']} cores)"
+
+
 def readme_table(results: dict[str, Any]) -> str:
   """The README's table: per dtype and optimizer, the largest model at each budget and its
   ratio to AdamW's and SGD's, then the peak at the smallest size."""
@@ -197,7 +196,7 @@ def readme_table(results: dict[str, Any]) -> str:
   sizes = list(results["sizes"])
   smallest = sizes[0]
   lines = [
-    f"Computed {env['date'].replace('T', ' ')[:16]} UTC with jax {env['jax']} "
+    f"Computed {env['date'].replace('T', ' ')[:16]} UTC{_machine(env)} with jax {env['jax']} "
     f"(XLA:{env['platform'].upper()}'s memory analysis; nothing allocated), batch "
     f"{settings['batch']} x {settings['seq_len']} tokens, {len(sizes)} sizes from "
     f"{_params(results['sizes'][sizes[0]]['params'])} to "

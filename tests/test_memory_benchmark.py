@@ -4,6 +4,7 @@ the largest model that fits, and a smoke run that writes the JSON, the chart and
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,10 @@ def test_smoke_run_writes_json_chart_and_table(tmp_path, monkeypatch):
   assert peaks["sgd"]["tiny"]["peak"] < peaks["sgd"]["tiny2"]["peak"]
   table = memory.readme_table(results)
   assert "adafactor_jax, fused into the backward pass" in table and "| float32 |" in table
+  env = written["environment"]
+  assert env["cpu_count"] == os.cpu_count() and env["jax"] == jax.__version__
+  if env["cpu"]:  # the machine, named in the table's first line
+    assert f" on {env['cpu']} ({env['cpu_count']} cores) " in table.splitlines()[0]
   budget = written["largest"]["float32"]["sgd"]["16 GiB"]
   assert budget == {
     "largest_size_params": SMALL._replace(n_layers=8).params,
