@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from tests.conftest import assert_bit_identical
@@ -178,3 +179,24 @@ def test_what_the_fused_step_cannot_do_is_refused_naming_the_key(flags, fragment
   rc = run_main(*tiny_flags(), *FUSED, *flags, f"--workdir={workdir}")
   _assert_refused(capsys, rc, ["config key 'optimizer.fused_backward'", fragment])
   assert not workdir.exists()
+
+
+def test_the_readmes_example_on_the_projects_model_trains():
+  """The README's fused step on TransformerLM(scan_layers=True): the loss falls, the model
+  holds the trained parameters afterwards, and each layer had its own optimizer state."""
+  from flax import nnx
+
+  from tests.readme import code_blocks
+
+  (example,) = [block for block in code_blocks("python") if "TransformerLM(" in block]
+  namespace: dict = {}
+  exec(compile(example, "README.md", "exec"), namespace)
+  losses, model, tokens = namespace["losses"], namespace["model"], namespace["tokens"]
+  assert len(losses) == 20 and losses[-1] < 0.5 * losses[0], losses
+  logits = model(tokens[:, :-1])
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+  assert float(loss) < losses[-1]  # one step further than the last loss reported
+  stack = nnx.state(model.blocks, nnx.Param)
+  assert all(leaf.shape[0] == 4 for leaf in jax.tree.leaves(stack))
+  # Each layer its own statistics and step count: every leaf of state.layers has the stack's axis.
+  assert all(np.shape(leaf)[0] == 4 for leaf in jax.tree.leaves(namespace["state"].layers))
