@@ -24,7 +24,9 @@ once complete, and temporary directories are never restored.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import logging
@@ -34,7 +36,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -539,6 +541,36 @@ class Workdir:
   def file(self, name: str) -> str:
     return os.path.join(self.path, name)
 
+  @contextlib.contextmanager
+  def claimed(self) -> Iterator[None]:
+    """Holds the workdir for one process's run; another process that would train in it is
+    refused, as two runs resuming from one checkpoint interleave their checkpoints and metrics
+    (the summary then names an eval loss that neither run ended at).
+
+    An advisory lock on the directory itself (``flock``, released when the process ends,
+    however it ends), taken by process 0 only: a multi-host job's processes share the workdir.
+    """
+    if jax.process_index() != 0:
+      yield
+      return
+    try:
+      os.makedirs(self.path, exist_ok=True)
+      handle = os.open(self.path, os.O_RDONLY)
+    except OSError as e:
+      raise ConfigError(f"--workdir {self.path!r} is not writable: {e.strerror}.") from e
+    try:
+      try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        raise ConfigError(
+          f"--workdir {self.path!r} is in use: another process is training in it. Its files "
+          "are left untouched: wait for that run to end (rerunning then resumes it), or use "
+          "another --workdir."
+        ) from None
+      yield
+    finally:
+      os.close(handle)
+
   def check(
     self, config: ml_collections.ConfigDict, abstract_params: Any
   ) -> ml_collections.ConfigDict | None:
@@ -844,193 +876,194 @@ def train_and_evaluate(
     min_bytes=config.data.seq_len + 2,
   )
   work = Workdir(os.path.abspath(workdir))
-  source_config = work.check(config, abstract_params)  # the run switched from, if any
-  _sync("adafactor-train: workdir checked")  # before process 0 writes into it
-  main_process = jax.process_index() == 0
+  with work.claimed():  # by this process alone until it returns
+    source_config = work.check(config, abstract_params)  # the run switched from, if any
+    _sync("adafactor-train: workdir checked")  # before process 0 writes into it
+    main_process = jax.process_index() == 0
 
-  # Made on the mesh, each device computing its own shards: no host copy of the model.
-  params = jax.jit(lambda: nnx.state(create_model(config)), out_shardings=shardings.params)()
-  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-  train_step, evaluate = make_steps(graphdef, tx, shardings)
-  telemetry = config.optimizer.telemetry
-  param_sizes = {
-    _param_path(p): x.size for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)
-  }
-  block_paths = set()
-  if config.optimizer.fused_backward:
-    layers, _ = split_layers(abstract_params)
-    block_paths = {_param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(layers)}
-  data_key, eval_key = jax.random.split(jax.random.key(config.seed))
-  batch_size, seq_len = config.data.batch_size, config.data.seq_len
-  eval_data = input_pipeline.eval_batches(
-    corpus.eval, eval_key, config.eval_batches, batch_size, seq_len, shardings.eval_batches
-  )
-
-  manager = ocp.CheckpointManager(
-    work.file("checkpoints"),
-    options=ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints, enable_async_checkpointing=False, create=True
-    ),
-  )
-  # The losses of the steps since the last log record: a checkpoint taken
-  # between records (on a signal) keeps them, so the resumed run logs the
-  # same window means as an uninterrupted one.
-  pending_losses = np.full((config.log_every,), np.nan, np.float32)
-  start, window, switch = 0, [], None
-  if manager.latest_step() is not None:
-    start = manager.latest_step()
-    source_tx, source_shardings = tx, shardings.opt_state
-    if source_config is not None:  # the checkpoint holds the state of the optimizer before
-      source_tx = create_optimizer(source_config.optimizer, source_config.num_steps, param_axes)
-      source_shardings = adafactor_jax.state_shardings(
-        source_tx, params=abstract_params, param_shardings=shardings.params
-      )
-    target = {
-      "params": _abstract(params, shardings.params),
-      "opt_state": _abstract(jax.eval_shape(source_tx.init, params), source_shardings),
-      "pending_losses": pending_losses,
+    # Made on the mesh, each device computing its own shards: no host copy of the model.
+    params = jax.jit(lambda: nnx.state(create_model(config)), out_shardings=shardings.params)()
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    train_step, evaluate = make_steps(graphdef, tx, shardings)
+    telemetry = config.optimizer.telemetry
+    param_sizes = {
+      _param_path(p): x.size for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)
     }
-    restored = manager.restore(start, args=ocp.args.StandardRestore(target))
-    params, opt_state = restored["params"], restored["opt_state"]
-    window = list(np.asarray(restored["pending_losses"])[: start % config.log_every])
-    if source_config is not None:
-      opt_state = switched_state(config.optimizer, source_config.optimizer, tx, params, opt_state)
-      opt_state = jax.device_put(opt_state, shardings.opt_state)
-      switch = {
-        "step": start,
-        "switched_from": source_config.optimizer.name,
-        "warm_start": config.optimizer.warm_start,
-      }
-  records = work.read_metrics(start) if main_process else []
-  if switch is not None:
-    records.append(switch)
-  if main_process:  # once the checkpoint it describes has been restored (or there is none)
-    work.write_config(config)
-  events = EventWriter(work.file("tensorboard"), start=start, enabled=main_process)
+    block_paths = set()
+    if config.optimizer.fused_backward:
+      layers, _ = split_layers(abstract_params)
+      block_paths = {_param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(layers)}
+    data_key, eval_key = jax.random.split(jax.random.key(config.seed))
+    batch_size, seq_len = config.data.batch_size, config.data.seq_len
+    eval_data = input_pipeline.eval_batches(
+      corpus.eval, eval_key, config.eval_batches, batch_size, seq_len, shardings.eval_batches
+    )
 
-  def save(step: int) -> None:
+    manager = ocp.CheckpointManager(
+      work.file("checkpoints"),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep_checkpoints, enable_async_checkpointing=False, create=True
+      ),
+    )
+    # The losses of the steps since the last log record: a checkpoint taken
+    # between records (on a signal) keeps them, so the resumed run logs the
+    # same window means as an uninterrupted one.
+    pending_losses = np.full((config.log_every,), np.nan, np.float32)
+    start, window, switch = 0, [], None
+    if manager.latest_step() is not None:
+      start = manager.latest_step()
+      source_tx, source_shardings = tx, shardings.opt_state
+      if source_config is not None:  # the checkpoint holds the state of the optimizer before
+        source_tx = create_optimizer(source_config.optimizer, source_config.num_steps, param_axes)
+        source_shardings = adafactor_jax.state_shardings(
+          source_tx, params=abstract_params, param_shardings=shardings.params
+        )
+      target = {
+        "params": _abstract(params, shardings.params),
+        "opt_state": _abstract(jax.eval_shape(source_tx.init, params), source_shardings),
+        "pending_losses": pending_losses,
+      }
+      restored = manager.restore(start, args=ocp.args.StandardRestore(target))
+      params, opt_state = restored["params"], restored["opt_state"]
+      window = list(np.asarray(restored["pending_losses"])[: start % config.log_every])
+      if source_config is not None:
+        opt_state = switched_state(config.optimizer, source_config.optimizer, tx, params, opt_state)
+        opt_state = jax.device_put(opt_state, shardings.opt_state)
+        switch = {
+          "step": start,
+          "switched_from": source_config.optimizer.name,
+          "warm_start": config.optimizer.warm_start,
+        }
+    records = work.read_metrics(start) if main_process else []
+    if switch is not None:
+      records.append(switch)
+    if main_process:  # once the checkpoint it describes has been restored (or there is none)
+      work.write_config(config)
+    events = EventWriter(work.file("tensorboard"), start=start, enabled=main_process)
+
+    def save(step: int) -> None:
+      if main_process:
+        work.write_metrics(records)
+      events.flush()
+      pending = pending_losses.copy()
+      pending[: len(window)] = np.asarray(window, np.float32)
+      tree = {"params": params, "opt_state": opt_state, "pending_losses": pending}
+      manager.save(step, args=ocp.args.StandardSave(tree))
+
+    title = f"{config.optimizer.name} on {corpus.num_files} files, mesh {dict(mesh.shape)}"
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    show = progress and main_process
+    if show:
+      print(
+        f"{num_params:,} params; {len(corpus.train):,} train / {len(corpus.eval):,} eval bytes; "
+        f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+        f"device(s), {jax.process_count()} process(es); "
+        + (f"resuming at step {start}" if start else "starting")
+        + f"; workdir {work.path}",
+        flush=True,
+      )
+    began = time.perf_counter()
+    bar = tqdm(
+      total=config.num_steps,
+      initial=start,
+      disable=not show,
+      unit="step",
+      dynamic_ncols=True,
+      # Not a terminal (a notebook, a log file): a line every 10 s, not every redraw.
+      mininterval=0.1 if sys.stderr.isatty() else 10.0,
+    )
+    log = bar.write if show else lambda _: None
+    window_start = time.perf_counter()
+    stop, queued, signum = _StopOnSignal(), None, None
+    with stop, events:
+      for step in range(start, config.num_steps):
+        batch = input_pipeline.batch_at(
+          corpus.train, data_key, step, batch_size, seq_len, shardings.batch
+        )
+        params, opt_state, loss = train_step(params, opt_state, batch)
+        if queued is not None:  # wait for the previous step only: the bar's rate is real
+          queued.block_until_ready()
+          bar.update(1)
+        queued = loss
+        window.append(loss)
+        done = step + 1
+        if done % config.log_every == 0 or done == config.num_steps:
+          train_loss = float(jnp.mean(jnp.stack(window)))
+          bar.update(1)
+          rate = len(window) / (time.perf_counter() - window_start)
+          # A few hundred replicated scalars of the last step, read on the host at log steps only.
+          figures = adafactor_jax.telemetry(opt_state) if telemetry and main_process else {}
+          if block_paths:  # the fused step's
+            figures = _under_blocks(figures, block_paths)
+          aggregates = optimizer_aggregates(figures, param_sizes)
+          records.append(
+            {"step": done, "train_loss": train_loss, "steps_per_sec": rate, **aggregates}
+          )
+          events.scalars(done, tensorboard_scalars(train_loss, aggregates, figures))
+          bar.set_postfix(loss=f"{train_loss:.3f}")
+          window, window_start, queued = [], time.perf_counter(), None
+          if not math.isfinite(train_loss) and not config.optimizer.skip_nonfinite:
+            log(f"step {done}: train loss is {train_loss}; the run has diverged.")
+        if done % config.eval_every == 0 or done == config.num_steps:
+          eval_loss = float(evaluate(params, eval_data))
+          records.append({"step": done, "eval_loss": eval_loss})
+          events.scalars(done, {"loss/eval": eval_loss})
+          log(f"step {done}: eval loss {eval_loss:.4f}")
+          if main_process:
+            plot_losses(records, work.file("loss.png"), title)
+            if telemetry:
+              plot_optimizer(records, work.file("optimizer.png"), title)
+        signum = stop.requested()
+        if done % config.checkpoint_every == 0 or done == config.num_steps or signum:
+          save(done)
+          window_start = time.perf_counter()
+          signum = signum or stop.requested()  # a signal during the write: this step is saved
+        if signum:
+          break
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    if signum:
+      raise Stopped(signum, done)
+
+    adamw_bytes = tree_bytes(jax.eval_shape(optax.adamw(1e-3).init, params))
+    train_losses = [r["train_loss"] for r in records if "train_loss" in r]
+    eval_losses = [r["eval_loss"] for r in records if "eval_loss" in r]
+    summary = {
+      "optimizer": config.optimizer.name,
+      "steps": config.num_steps,
+      "resumed_from": start,
+      "final_train_loss": train_losses[-1] if train_losses else None,
+      "final_eval_loss": eval_losses[-1] if eval_losses else None,
+      "wall_time_sec": time.perf_counter() - began,
+      "num_params": int(num_params),
+      "param_bytes": tree_bytes(params),
+      "optimizer_state_bytes": tree_bytes(opt_state),
+      "adamw_state_bytes": adamw_bytes,
+      "mesh": dict(mesh.shape),
+      "num_devices": jax.device_count(),
+      "num_processes": jax.process_count(),
+      "param_bytes_per_device": partitioning.per_device_bytes(params),
+      "optimizer_state_bytes_per_device": partitioning.per_device_bytes(opt_state),
+      "switched_from": next(
+        (
+          {k: r[k] for k in ("step", "switched_from", "warm_start")}
+          for r in records
+          if "switched_from" in r
+        ),
+        None,
+      ),
+    }
     if main_process:
       work.write_metrics(records)
-    events.flush()
-    pending = pending_losses.copy()
-    pending[: len(window)] = np.asarray(window, np.float32)
-    tree = {"params": params, "opt_state": opt_state, "pending_losses": pending}
-    manager.save(step, args=ocp.args.StandardSave(tree))
-
-  title = f"{config.optimizer.name} on {corpus.num_files} files, mesh {dict(mesh.shape)}"
-  num_params = sum(x.size for x in jax.tree.leaves(params))
-  show = progress and main_process
-  if show:
-    print(
-      f"{num_params:,} params; {len(corpus.train):,} train / {len(corpus.eval):,} eval bytes; "
-      f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
-      f"device(s), {jax.process_count()} process(es); "
-      + (f"resuming at step {start}" if start else "starting")
-      + f"; workdir {work.path}",
-      flush=True,
-    )
-  began = time.perf_counter()
-  bar = tqdm(
-    total=config.num_steps,
-    initial=start,
-    disable=not show,
-    unit="step",
-    dynamic_ncols=True,
-    # Not a terminal (a notebook, a log file): a line every 10 s, not every redraw.
-    mininterval=0.1 if sys.stderr.isatty() else 10.0,
-  )
-  log = bar.write if show else lambda _: None
-  window_start = time.perf_counter()
-  stop, queued, signum = _StopOnSignal(), None, None
-  with stop, events:
-    for step in range(start, config.num_steps):
-      batch = input_pipeline.batch_at(
-        corpus.train, data_key, step, batch_size, seq_len, shardings.batch
-      )
-      params, opt_state, loss = train_step(params, opt_state, batch)
-      if queued is not None:  # wait for the previous step only: the bar's rate is real
-        queued.block_until_ready()
-        bar.update(1)
-      queued = loss
-      window.append(loss)
-      done = step + 1
-      if done % config.log_every == 0 or done == config.num_steps:
-        train_loss = float(jnp.mean(jnp.stack(window)))
-        bar.update(1)
-        rate = len(window) / (time.perf_counter() - window_start)
-        # A few hundred replicated scalars of the last step, read on the host at log steps only.
-        figures = adafactor_jax.telemetry(opt_state) if telemetry and main_process else {}
-        if block_paths:  # the fused step's
-          figures = _under_blocks(figures, block_paths)
-        aggregates = optimizer_aggregates(figures, param_sizes)
-        records.append(
-          {"step": done, "train_loss": train_loss, "steps_per_sec": rate, **aggregates}
-        )
-        events.scalars(done, tensorboard_scalars(train_loss, aggregates, figures))
-        bar.set_postfix(loss=f"{train_loss:.3f}")
-        window, window_start, queued = [], time.perf_counter(), None
-        if not math.isfinite(train_loss) and not config.optimizer.skip_nonfinite:
-          log(f"step {done}: train loss is {train_loss}; the run has diverged.")
-      if done % config.eval_every == 0 or done == config.num_steps:
-        eval_loss = float(evaluate(params, eval_data))
-        records.append({"step": done, "eval_loss": eval_loss})
-        events.scalars(done, {"loss/eval": eval_loss})
-        log(f"step {done}: eval loss {eval_loss:.4f}")
-        if main_process:
-          plot_losses(records, work.file("loss.png"), title)
-          if telemetry:
-            plot_optimizer(records, work.file("optimizer.png"), title)
-      signum = stop.requested()
-      if done % config.checkpoint_every == 0 or done == config.num_steps or signum:
-        save(done)
-        window_start = time.perf_counter()
-        signum = signum or stop.requested()  # a signal during the write: this step is saved
-      if signum:
-        break
-  bar.close()
-  manager.wait_until_finished()
-  manager.close()
-  if signum:
-    raise Stopped(signum, done)
-
-  adamw_bytes = tree_bytes(jax.eval_shape(optax.adamw(1e-3).init, params))
-  train_losses = [r["train_loss"] for r in records if "train_loss" in r]
-  eval_losses = [r["eval_loss"] for r in records if "eval_loss" in r]
-  summary = {
-    "optimizer": config.optimizer.name,
-    "steps": config.num_steps,
-    "resumed_from": start,
-    "final_train_loss": train_losses[-1] if train_losses else None,
-    "final_eval_loss": eval_losses[-1] if eval_losses else None,
-    "wall_time_sec": time.perf_counter() - began,
-    "num_params": int(num_params),
-    "param_bytes": tree_bytes(params),
-    "optimizer_state_bytes": tree_bytes(opt_state),
-    "adamw_state_bytes": adamw_bytes,
-    "mesh": dict(mesh.shape),
-    "num_devices": jax.device_count(),
-    "num_processes": jax.process_count(),
-    "param_bytes_per_device": partitioning.per_device_bytes(params),
-    "optimizer_state_bytes_per_device": partitioning.per_device_bytes(opt_state),
-    "switched_from": next(
-      (
-        {k: r[k] for k in ("step", "switched_from", "warm_start")}
-        for r in records
-        if "switched_from" in r
-      ),
-      None,
-    ),
-  }
-  if main_process:
-    work.write_metrics(records)
-    plot_losses(records, work.file("loss.png"), title)
-    if telemetry:
-      plot_optimizer(records, work.file("optimizer.png"), title)
-    with open(work.file("summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-  if show:
-    print(format_summary(summary), flush=True)
-  return summary
+      plot_losses(records, work.file("loss.png"), title)
+      if telemetry:
+        plot_optimizer(records, work.file("optimizer.png"), title)
+      with open(work.file("summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if show:
+      print(format_summary(summary), flush=True)
+    return summary
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -372,6 +372,38 @@ def test_a_switch_without_a_run_to_switch_from_is_refused(tmp_path, capsys):
   assert list((tmp_path / "new").iterdir()) == []
 
 
+def test_a_workdir_another_process_trains_in_is_refused_untouched(adamw_run, tmp_path, capsys):
+  """Two runs resuming from one checkpoint would interleave their checkpoints and metrics:
+  while another process holds the workdir (as its run does, through Workdir.claimed), a second
+  run is refused and changes nothing; once that process ends, the same command resumes."""
+  workdir = tmp_path / "busy"
+  shutil.copytree(adamw_run, workdir)
+  flags = tiny_flags(optimizer__warmup_steps=2, optimizer__warmup_fraction=0.0)  # adamw_run's
+  before = file_hashes(workdir)
+  holder = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      "import sys; from adafactor_jax.training import train\n"
+      f"with train.Workdir({str(workdir)!r}).claimed():\n"
+      "  print('held', flush=True); sys.stdin.read()",
+    ],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    rc = run_main("--config", "adamw", *flags, f"--workdir={workdir}")
+    _assert_refused(capsys, rc, [f"--workdir {str(workdir)!r} is in use", "untouched"])
+    assert file_hashes(workdir) == before
+  finally:
+    holder.communicate("", timeout=60)
+  assert holder.returncode == 0
+  assert run_main("--config", "adamw", *flags, f"--workdir={workdir}") == 0
+  assert json.loads((workdir / "summary.json").read_text())["resumed_from"] == 8
+
+
 # --------------------------------------------------------------------------- refusals
 
 
