@@ -302,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
   base = os.path.join(workdir, suite)
   with open(base + ".json", "w") as f:
     json.dump(results, f, indent=2)
-  title = f"suite {suite!r}: {results[0]['steps']} steps"
+  # the overrides name the model size, so that charts of two sizes are told apart
+  title = ", ".join(
+    [f"suite {suite!r}: {results[0]['steps']} steps", *(f"{k}={v}" for k, v in overrides.items())]
+  )
   text = render(results)
   with open(base + ".md", "w") as f:
     f.write(text + "\n")
