@@ -278,11 +278,12 @@ def test_the_fair_protocol_end_to_end_on_a_tiny_model(tmp_path):
   assert sorted((tmp_path / "fair" / "adafactor").iterdir()) == runs
 
 
-def test_the_committed_fair_table_is_its_results_table():
-  """docs/results/fair_default.md is what adafactor-compare --suite fair wrote from the JSON
-  next to it (and the README shows the .md: tests/test_readme.py), every row bracketed."""
-  results = json.loads((RESULTS / "fair_default.json").read_text())
-  assert (RESULTS / "fair_default.md").read_text() == sweep.table(results) + "\n"
+@pytest.mark.parametrize("size", ["fair_default", "fair_4x"])
+def test_the_committed_fair_table_is_its_results_table(size):
+  """docs/results/fair_{default,4x}.md are what adafactor-compare --suite fair wrote from the
+  JSON next to them (and the README shows the .md: tests/test_readme.py), every row bracketed."""
+  results = json.loads((RESULTS / f"{size}.json").read_text())
+  assert (RESULTS / f"{size}.md").read_text() == sweep.table(results) + "\n"
   assert [r["name"] for r in results] == [row.name for row in sweep.ROWS]
   assert all(r["bracketed"] in (None, True) for r in results)
   assert all(len(r["seed_losses"]) == len(sweep.SEEDS) for r in results)
