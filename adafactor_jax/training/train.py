@@ -567,6 +567,8 @@ class Workdir:
           "are left untouched: wait for that run to end (rerunning then resumes it), or use "
           "another --workdir."
         ) from None
+      except OSError:  # a filesystem without locks (some network and FUSE mounts): unguarded
+        pass
       yield
     finally:
       os.close(handle)

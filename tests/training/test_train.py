@@ -8,6 +8,7 @@ config with ``--config.optimizer.clipping_threshold=None``, the same run).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -402,6 +403,17 @@ def test_a_workdir_another_process_trains_in_is_refused_untouched(adamw_run, tmp
   assert holder.returncode == 0
   assert run_main("--config", "adamw", *flags, f"--workdir={workdir}") == 0
   assert json.loads((workdir / "summary.json").read_text())["resumed_from"] == 8
+
+
+def test_a_workdir_on_a_filesystem_without_locks_still_trains(tmp_path, monkeypatch):
+  """Some network and FUSE mounts (a Drive folder on Colab) refuse flock: the run goes on."""
+
+  def no_locks(fd, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(train.fcntl, "flock", no_locks)
+  assert run_main(*tiny_flags(), f"--workdir={tmp_path / 'run'}") == 0
+  assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == TINY["num_steps"]
 
 
 # --------------------------------------------------------------------------- refusals
