@@ -543,40 +543,54 @@ class Workdir:
 
   @contextlib.contextmanager
   def claimed(self) -> Iterator[None]:
-    """Holds the workdir for one process's run; another process that would train in it is
-    refused, as two runs resuming from one checkpoint interleave their checkpoints and metrics
-    (the summary then names an eval loss that neither run ended at).
+    """Holds the workdir for one run; a run that another process holds it for is refused, as
+    two runs resuming from one checkpoint interleave their checkpoints and metrics (the
+    summary then names an eval loss that neither run ended at).
 
-    An advisory lock on the directory itself (``flock``, released when the process ends,
-    however it ends), taken by process 0 only: a multi-host job's processes share the workdir.
+    An advisory lock (``flock``, emulated by NFS as a lock of the whole file) on
+    ``<workdir>/.lock``, kept there; the operating system releases it when the process ends,
+    however it ends. Process 0 takes it for a multi-host job, whose processes share the
+    workdir, and every process hears its answer. A filesystem that refuses locks (some FUSE
+    mounts) leaves the run unguarded, with a warning.
     """
-    if jax.process_index() != 0:
-      yield
-      return
-    try:
-      os.makedirs(self.path, exist_ok=True)
-      handle = os.open(self.path, os.O_RDONLY)
-    except OSError as e:
-      raise ConfigError(f"--workdir {self.path!r} is not writable: {e.strerror}.") from e
-    try:
+    handle, busy = None, False
+    if jax.process_index() == 0:
+      try:
+        os.makedirs(self.path, exist_ok=True)
+        handle = os.open(self.file(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+      except OSError:
+        pass  # not writable: Workdir.check says so, on every process
+    if handle is not None:
       try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
+        busy = True
+      except OSError as e:
+        logging.warning(
+          "--workdir %r: its filesystem refuses a lock (%s), so nothing stops a second "
+          "process from training in it at the same time.",
+          self.path,
+          e.strerror,
+        )
+    if jax.process_count() > 1:  # every process refuses, not process 0 alone
+      busy = bool(multihost_utils.broadcast_one_to_all(np.int32(busy)))
+    try:
+      if busy:
         raise ConfigError(
           f"--workdir {self.path!r} is in use: another process is training in it. Its files "
           "are left untouched: wait for that run to end (rerunning then resumes it), or use "
           "another --workdir."
-        ) from None
-      except OSError:  # a filesystem without locks (some network and FUSE mounts): unguarded
-        pass
+        )
       yield
     finally:
-      os.close(handle)
+      if handle is not None:
+        os.close(handle)
 
   def check(
     self, config: ml_collections.ConfigDict, abstract_params: Any
   ) -> ml_collections.ConfigDict | None:
-    """Refuses a workdir that is not writable or holds another run; writes nothing to keep.
+    """Refuses a workdir that is not writable or holds another run; writes nothing to keep
+    (but the lock file of :meth:`claimed`).
 
     Returns the config of the run it holds when this one switches from its
     optimizer (``optimizer.switch_from``), else None.
@@ -862,7 +876,7 @@ def train_and_evaluate(
   """Runs (or resumes) the job on the configured mesh and returns the summary it also writes.
 
   Everything that can be refused (config, mesh, optimizer, corpus, workdir)
-  is checked before the workdir is written to.
+  is checked before the workdir is written to (but for its lock file).
   """
   config = resolve_config(config)
   mesh = partitioning.create_mesh(config.mesh)

@@ -28,7 +28,15 @@ from jax.sharding import PartitionSpec as P
 
 from adafactor_jax.training import partitioning, train
 from tests.conftest import collectives
-from tests.training.test_train import cli_command, read_jsonl, restore, tiny_config, tiny_flags
+from tests.training.test_train import (
+  _holding,
+  _release,
+  cli_command,
+  read_jsonl,
+  restore,
+  tiny_config,
+  tiny_flags,
+)
 
 TIMEOUT_S = 300
 FLAGS = [*tiny_flags(), "--progress=false"]
@@ -85,6 +93,21 @@ def _two_processes(workdir: Path) -> list[subprocess.CompletedProcess]:
     subprocess.CompletedProcess(p.args, p.returncode, out, err)
     for p, (out, err) in zip(processes, outputs, strict=True)
   ]
+
+
+def test_a_busy_workdir_is_refused_by_every_process_of_a_multi_host_job(tmp_path):
+  """Process 0 takes the workdir's lock for the job; every process hears that it is held and
+  exits with the refusal, rather than waiting at the next barrier for a process 0 gone."""
+  workdir = tmp_path / "busy"
+  holder = _holding(workdir)
+  try:
+    results = _two_processes(workdir)
+  finally:
+    _release(holder)
+  for r in results:
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"--workdir {str(workdir)!r} is in use" in r.stderr
+  assert [p.name for p in workdir.iterdir()] == [".lock"]
 
 
 def _resume_copy(source: Path, workdir: Path) -> Path:

@@ -9,11 +9,13 @@ config with ``--config.optimizer.clipping_threshold=None``, the same run).
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -370,17 +372,12 @@ def test_a_switch_without_a_run_to_switch_from_is_refused(tmp_path, capsys):
     *tiny_flags(), "--config.optimizer.switch_from=adamw", f"--workdir={tmp_path / 'new'}"
   )
   _assert_refused(capsys, rc, ["'optimizer.switch_from' = 'adamw'", "holds no run"])
-  assert list((tmp_path / "new").iterdir()) == []
+  assert [p.name for p in (tmp_path / "new").iterdir()] == [".lock"]
+  assert (tmp_path / "new" / ".lock").read_bytes() == b""
 
 
-def test_a_workdir_another_process_trains_in_is_refused_untouched(adamw_run, tmp_path, capsys):
-  """Two runs resuming from one checkpoint would interleave their checkpoints and metrics:
-  while another process holds the workdir (as its run does, through Workdir.claimed), a second
-  run is refused and changes nothing; once that process ends, the same command resumes."""
-  workdir = tmp_path / "busy"
-  shutil.copytree(adamw_run, workdir)
-  flags = tiny_flags(optimizer__warmup_steps=2, optimizer__warmup_fraction=0.0)  # adamw_run's
-  before = file_hashes(workdir)
+def _holding(workdir: Path) -> subprocess.Popen:
+  """Another process holding ``workdir`` as a run does (Workdir.claimed), until its stdin ends."""
   holder = subprocess.Popen(
     [
       sys.executable,
@@ -392,28 +389,59 @@ def test_a_workdir_another_process_trains_in_is_refused_untouched(adamw_run, tmp
     stdin=subprocess.PIPE,
     stdout=subprocess.PIPE,
     text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
   )
+  assert holder.stdout is not None
+  ready, _, _ = select.select([holder.stdout], [], [], 60)
+  if not ready or holder.stdout.readline() != "held\n":
+    holder.kill()
+    raise AssertionError("the holder did not take the workdir within 60 s")
+  return holder
+
+
+def _release(holder: subprocess.Popen) -> None:
   try:
-    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    holder.communicate("", timeout=60)
+  except subprocess.TimeoutExpired:
+    holder.kill()
+    raise
+  assert holder.returncode == 0
+
+
+def test_a_workdir_another_process_trains_in_is_refused_untouched(adamw_run, tmp_path, capsys):
+  """Two runs resuming from one checkpoint would interleave their checkpoints and metrics:
+  while another process holds the workdir, a second run is refused and changes nothing; once
+  that process ends, the same command resumes."""
+  workdir = tmp_path / "busy"
+  shutil.copytree(adamw_run, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "8")  # as a run killed after its step-4 checkpoint
+  (workdir / "summary.json").unlink()
+  flags = tiny_flags(optimizer__warmup_steps=2, optimizer__warmup_fraction=0.0)  # adamw_run's
+  holder = _holding(workdir)
+  try:
+    before = file_hashes(workdir)
     rc = run_main("--config", "adamw", *flags, f"--workdir={workdir}")
     _assert_refused(capsys, rc, [f"--workdir {str(workdir)!r} is in use", "untouched"])
     assert file_hashes(workdir) == before
   finally:
-    holder.communicate("", timeout=60)
-  assert holder.returncode == 0
+    _release(holder)
   assert run_main("--config", "adamw", *flags, f"--workdir={workdir}") == 0
-  assert json.loads((workdir / "summary.json").read_text())["resumed_from"] == 8
+  assert json.loads((workdir / "summary.json").read_text())["resumed_from"] == 4
 
 
-def test_a_workdir_on_a_filesystem_without_locks_still_trains(tmp_path, monkeypatch):
-  """Some network and FUSE mounts (a Drive folder on Colab) refuse flock: the run goes on."""
+def test_a_workdir_on_a_filesystem_without_locks_still_trains(tmp_path, monkeypatch, caplog):
+  """Some FUSE mounts refuse flock: the run goes on, unguarded, and says so."""
+  calls = []
 
   def no_locks(fd, operation):
+    calls.append(operation)
     raise OSError(errno.ENOLCK, "No locks available")
 
   monkeypatch.setattr(train.fcntl, "flock", no_locks)
   assert run_main(*tiny_flags(), f"--workdir={tmp_path / 'run'}") == 0
+  assert calls == [fcntl.LOCK_EX | fcntl.LOCK_NB]
   assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == TINY["num_steps"]
+  assert "refuses a lock (No locks available)" in caplog.text
 
 
 # --------------------------------------------------------------------------- refusals
