@@ -29,10 +29,10 @@ from jax.sharding import PartitionSpec as P
 from adafactor_jax.training import partitioning, train
 from tests.conftest import collectives
 from tests.training.test_train import (
-  _holding,
-  _release,
   cli_command,
+  holding_workdir,
   read_jsonl,
+  release_workdir,
   restore,
   tiny_config,
   tiny_flags,
@@ -99,11 +99,11 @@ def test_a_busy_workdir_is_refused_by_every_process_of_a_multi_host_job(tmp_path
   """Process 0 takes the workdir's lock for the job; every process hears that it is held and
   exits with the refusal, rather than waiting at the next barrier for a process 0 gone."""
   workdir = tmp_path / "busy"
-  holder = _holding(workdir)
+  holder = holding_workdir(workdir)
   try:
     results = _two_processes(workdir)
   finally:
-    _release(holder)
+    release_workdir(holder)
   for r in results:
     assert r.returncode == 2, r.stderr[-3000:]
     assert f"--workdir {str(workdir)!r} is in use" in r.stderr

@@ -376,7 +376,7 @@ def test_a_switch_without_a_run_to_switch_from_is_refused(tmp_path, capsys):
   assert (tmp_path / "new" / ".lock").read_bytes() == b""
 
 
-def _holding(workdir: Path) -> subprocess.Popen:
+def holding_workdir(workdir: Path) -> subprocess.Popen:
   """Another process holding ``workdir`` as a run does (Workdir.claimed), until its stdin ends."""
   holder = subprocess.Popen(
     [
@@ -399,7 +399,7 @@ def _holding(workdir: Path) -> subprocess.Popen:
   return holder
 
 
-def _release(holder: subprocess.Popen) -> None:
+def release_workdir(holder: subprocess.Popen) -> None:
   try:
     holder.communicate("", timeout=60)
   except subprocess.TimeoutExpired:
@@ -417,14 +417,14 @@ def test_a_workdir_another_process_trains_in_is_refused_untouched(adamw_run, tmp
   shutil.rmtree(workdir / "checkpoints" / "8")  # as a run killed after its step-4 checkpoint
   (workdir / "summary.json").unlink()
   flags = tiny_flags(optimizer__warmup_steps=2, optimizer__warmup_fraction=0.0)  # adamw_run's
-  holder = _holding(workdir)
+  holder = holding_workdir(workdir)
   try:
     before = file_hashes(workdir)
     rc = run_main("--config", "adamw", *flags, f"--workdir={workdir}")
     _assert_refused(capsys, rc, [f"--workdir {str(workdir)!r} is in use", "untouched"])
     assert file_hashes(workdir) == before
   finally:
-    _release(holder)
+    release_workdir(holder)
   assert run_main("--config", "adamw", *flags, f"--workdir={workdir}") == 0
   assert json.loads((workdir / "summary.json").read_text())["resumed_from"] == 4
 
