@@ -49,9 +49,7 @@ def test_extreme_gradients_match_the_reference(option, pattern):
 @pytest.mark.usefixtures("other_compilers_formulation")
 @pytest.mark.parametrize("shape", [(130,), (256, 130), (3, 200, 140)])
 def test_gradients_too_large_to_square_stay_finite(shape):
-  test_extreme_values.test_gradients_too_large_to_square_in_float32_stay_finite(
-    3e38, shape, 1.0
-  )
+  test_extreme_values.test_gradients_too_large_to_square_in_float32_stay_finite(3e38, shape, 1.0)
 
 
 STACKED = {
