@@ -153,10 +153,24 @@ TREES: dict[str, Callable[[], Tree]] = {
 }
 """The benchmark's trees, by name (``stacked``: GPT-2 124M with scanned blocks)."""
 
+
+def large_matrices(stacked: bool = False) -> Tree:
+  """168M parameters in leaves too large to sit in a TPU core's on-chip memory: eight 4096 x 4096
+  matrices (stacked: one 8 x 4096 x 4096 array, scanned layers), a 32768 x 1024 embedding and a
+  bias of 4096. The TPU compiler's bytes for it are the HBM traffic of the update."""
+  matrices = (
+    {"layers": _leaf(8, 4096, 4096)} if stacked else {f"w{i}": _leaf(4096, 4096) for i in range(8)}
+  )
+  return matrices | {"embedding": _leaf(32768, 1024), "bias": _leaf(4096)}
+
+
 EXTRA_TREES: dict[str, Callable[[], Tree]] = {
   "tiny": lambda: gpt2(vocab=256, n_ctx=64, d_model=128, n_layers=1),
+  "large": large_matrices,
+  "large_stacked": lambda: large_matrices(stacked=True),
 }
-"""Trees run only when named (``tiny``: 0.24M params, for smoke tests)."""
+"""Trees run only when named (``tiny``: 0.24M params, for smoke tests; ``large`` and
+``large_stacked``: the TPU benchmark's trees of large leaves, see :func:`large_matrices`)."""
 
 SWEEP: tuple[tuple[int, int, int], ...] = (
   # (d_model, n_layers, vocab) of GPT-like trees, n_ctx 1024: ~1M to ~500M params.
