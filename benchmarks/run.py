@@ -5,6 +5,12 @@ Usage::
   python -m benchmarks.run [--trees t5_small,gpt2_124m,vit_b16,stacked] [--no-sweep]
       [--sweep-max-params 5.2e8] [--rounds 5] [--steps-per-round 3] [--sweep-rounds 3]
       [--out benchmarks/results] [--optimizers adafactor_jax,optax_adamw,sgd,...]
+  python -m benchmarks.run --topology v5e:2x2,v4:2x2x1,v5p:2x2x1,v6e:2x2   # or all
+
+With ``--topology`` nothing runs: the step is compiled for one chip of each TPU topology
+(``benchmarks/tpu.py``; needs ``pip install -e '.[tpu]'``) and the TPU compiler's bytes
+accessed per parameter and temporaries are written to ``tpu.json``, by topology (a run for
+one topology keeps the others' figures when the versions are the same).
 
 For each tree the optimizers run in one process, interleaved round-robin (each round
 times a few steps of every optimizer, starting from a different one each round), and
@@ -35,6 +41,7 @@ import numpy as np
 import optax
 
 import adafactor_jax
+from benchmarks import tpu
 from benchmarks import trees as trees_lib
 
 Tree = trees_lib.Tree
@@ -64,6 +71,19 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
   "sgd": sgd,
 }
 """The JAX optimizers, by column name."""
+
+TPU_OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], Any]] = {
+  **{name: (build, jnp.float32) for name, build in OPTIMIZERS.items()},
+  "optax_adafactor_bf16_momentum": (
+    lambda: optax.adafactor(1e-2, momentum=0.9, dtype_momentum=jnp.bfloat16),
+    jnp.float32,
+  ),
+  "adafactor_jax_bf16_params": (OPTIMIZERS["adafactor_jax"], jnp.bfloat16),
+}
+"""``--topology``'s optimizers: (builder, parameter dtype) by name."""
+
+TPU_TREES = ("large", "large_stacked", *trees_lib.TREES)
+"""``--topology``'s default trees: those of large leaves first (see trees.large_matrices)."""
 
 TORCH = "torch_adafactor"
 ALL_OPTIMIZERS = (*OPTIMIZERS, TORCH)
@@ -367,6 +387,8 @@ LABELS = {
   "adafactor_jax_bf16_momentum": "adafactor_jax, bf16 momentum",
   "adafactor_jax_int8_momentum": "adafactor_jax, int8 momentum",
   "optax_adafactor": "optax.adafactor",
+  "optax_adafactor_bf16_momentum": "optax.adafactor, bf16 momentum",
+  "adafactor_jax_bf16_params": "adafactor_jax, bfloat16 parameters",
   "optax_adamw": "optax.adamw",
   "sgd": "SGD",
   TORCH: "torch.optim.Adafactor",
@@ -378,6 +400,8 @@ TREE_LABELS = {
   "gpt2_124m": "GPT-2",
   "vit_b16": "ViT-B/16",
   "stacked": "GPT-2, layers stacked",
+  "large": "eight 4096², a 32768×1024 embedding",
+  "large_stacked": "the same, the 4096² stacked",
 }
 
 
@@ -516,6 +540,111 @@ def plot(results: dict[str, Any], path: str) -> None:
   plt.close(fig)
 
 
+def compile_for_topology(
+  topology: str, tree_names: Sequence[str], optimizers: Sequence[str]
+) -> dict[str, Any]:
+  """Per tree and optimizer, the figures of the donated step compiled for one chip of a TPU
+  topology (:func:`benchmarks.tpu.figures`), nothing run."""
+  device = tpu.devices(topology)[0]
+  builders = trees_lib.TREES | trees_lib.EXTRA_TREES
+  results: dict[str, Any] = {"chip": device.device_kind, "trees": {}}
+  for tree in tree_names:
+    shapes = builders[tree]()
+    n_params = trees_lib.param_count(shapes)
+    per_optimizer = {}
+    for name in optimizers:
+      build, dtype = TPU_OPTIMIZERS[name]
+      params = tpu.on_device(
+        jax.tree.map(lambda x, d=dtype: jax.ShapeDtypeStruct(x.shape, d), shapes), device
+      )
+      tx = build()
+      state = tpu.on_device(jax.eval_shape(tx.init, params), device)
+      start = time.perf_counter()
+      compiled = tpu.compile_for(_step(tx), (params, state, params), donate_argnums=(0, 1))
+      per_optimizer[name] = tpu.figures(compiled, n_params, trees_lib.tree_bytes(params)) | {
+        "compile_s": time.perf_counter() - start
+      }
+      print(
+        f"{topology} {tree} {name}: {per_optimizer[name]['bytes_per_param']:.2f} B/param",
+        file=sys.stderr,
+        flush=True,
+      )
+    results["trees"][tree] = {"params": n_params, "optimizers": per_optimizer}
+  return results
+
+
+def tpu_readme_table(results: dict[str, Any]) -> str:
+  """Per tree, a row per optimizer and a column per chip: bytes accessed per parameter by the
+  TPU compiler, with the temporaries as % of the parameters' bytes where over 0.05%."""
+  env = results["environment"]
+  topologies = list(results["topologies"])
+  chips = [tpu.CHIPS.get(t.split(":")[0], results["topologies"][t]["chip"]) for t in topologies]
+  lines = [
+    f"Compiled with jax {env['jax']} and libtpu {env['libtpu']} for one chip of "
+    f"{', '.join(f'`{t}`' for t in topologies)} ({env['date'][:10]}); the update alone "
+    "(`tx.update` and `optax.apply_updates`, parameters and state donated). Bytes accessed "
+    "per parameter (temporaries as % of the parameters' bytes where above 0.05%):",
+  ]
+  first = results["topologies"][topologies[0]]["trees"]
+  for tree, entry in first.items():
+    has_estimate = any(
+      f.get("optimal_ms") is not None
+      for t in topologies
+      for f in results["topologies"][t]["trees"][tree]["optimizers"].values()
+    )
+    estimate = [t for t in topologies if t.startswith("v5p")][:1] if has_estimate else []
+    header = [
+      "optimizer",
+      *chips,
+      *(f"{chips[topologies.index(t)]} ms (compiler)" for t in estimate),
+    ]
+    lines += [
+      "",
+      f"**{TREE_LABELS.get(tree, tree)}** ({entry['params'] / 1e6:.1f}M parameters)",
+      "",
+      "| " + " | ".join(header) + " |",
+      "|---|" + "--:|" * (len(header) - 1),
+    ]
+    for name in entry["optimizers"]:
+      cells = [LABELS.get(name, name)]
+      for t in topologies:
+        f = results["topologies"][t]["trees"][tree]["optimizers"][name]
+        temp = f" ({f['temp_pct_of_params']:.1f}%)" if f["temp_pct_of_params"] > 0.05 else ""
+        cells.append(f"{f['bytes_per_param']:.1f}{temp}")
+      for t in estimate:
+        cells.append(
+          _fmt(results["topologies"][t]["trees"][tree]["optimizers"][name]["optimal_ms"], ".2f")
+        )
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def run_topologies(
+  topologies: Sequence[str], tree_names: Sequence[str], optimizers: Sequence[str], out: str
+) -> dict[str, Any]:
+  """Compiles for each topology and writes ``tpu.json`` to ``out``, keeping the figures of
+  topologies not compiled this time when the versions that decide them are the same."""
+  path = os.path.join(out, "tpu.json")
+  env = tpu.environment() | {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  }
+  results: dict[str, Any] = {"environment": env, "topologies": {}}
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    versions = ("jax", "jaxlib", "libtpu", "optax")
+    if all(previous["environment"].get(k) == env[k] for k in versions):
+      results["topologies"] = previous["topologies"]
+  for topology in topologies:
+    results["topologies"][topology] = compile_for_topology(topology, tree_names, optimizers)
+  os.makedirs(out, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(results, f, indent=1)
+  print(tpu_readme_table(results), flush=True)
+  print(f"wrote {path}", file=sys.stderr)
+  return results
+
+
 def parse_names(
   text: str, known: Sequence[str], flag: str, parser: argparse.ArgumentParser
 ) -> list[str]:
@@ -543,6 +672,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     default=",".join(ALL_OPTIMIZERS),
     help=f"comma list of {', '.join(ALL_OPTIMIZERS)}",
   )
+  parser.add_argument(
+    "--topology",
+    default=None,
+    help="compile for one chip of each of these TPU topologies instead of timing here "
+    f"(comma list, or 'all' for {','.join(tpu.TOPOLOGIES)}; needs '.[tpu]'); writes tpu.json",
+  )
   parser.add_argument("--no-sweep", action="store_true", help="skip the scaling sweep")
   parser.add_argument(
     "--sweep-max-params", type=float, default=5.2e8, help="largest sweep size (params)"
@@ -556,6 +691,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "--out", default=os.path.join(os.path.dirname(__file__), "results"), help="output directory"
   )
   args = parser.parse_args(argv)
+  if args.topology is not None:
+    topologies = list(tpu.TOPOLOGIES) if args.topology == "all" else args.topology.split(",")
+    known_optimizers = list(TPU_OPTIMIZERS)
+    trees_given = args.trees != parser.get_default("trees")
+    tree_names = parse_names(
+      args.trees if trees_given else ",".join(TPU_TREES),
+      [*trees_lib.TREES, *trees_lib.EXTRA_TREES],
+      "--trees",
+      parser,
+    )
+    names = args.optimizers
+    optimizers = parse_names(
+      ",".join(known_optimizers) if names == parser.get_default("optimizers") else names,
+      known_optimizers,
+      "--optimizers",
+      parser,
+    )
+    try:
+      return run_topologies(topologies, tree_names, optimizers, args.out)
+    except tpu.TopologyError as error:
+      parser.exit(2, f"{parser.prog}: {error}\n")
   tree_names = parse_names(
     args.trees, [*trees_lib.TREES, *trees_lib.EXTRA_TREES], "--trees", parser
   )
