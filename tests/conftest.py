@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
 
-import jax
+# With libtpu installed (the [tpu] extra, to compile for TPU topologies without a TPU), jax
+# probes for a TPU on first use and logs warnings on every process's stderr; the suite runs on
+# the CPU, and compiling for a topology still works under JAX_PLATFORMS=cpu. libtpu's lock file
+# would also keep two processes (a test and its subprocess) from compiling at once.
+if importlib.util.find_spec("libtpu") is not None:
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 import optax
