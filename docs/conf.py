@@ -27,7 +27,7 @@ extensions = [
 
 # The generated result tables (docs/results/*.md) are sources of the pages' generated regions,
 # not pages of their own.
-exclude_patterns = ["_build", "results", "README.md"]
+exclude_patterns = ["_build", "results"]
 
 # Links to headings: [text](page.md#a-heading), as on GitHub.
 myst_heading_anchors = 3
