@@ -1,8 +1,10 @@
-"""Every training command the README shows works, run in order on a fresh directory.
+"""Every training command the README and the documentation show works, run in order on a fresh
+directory.
 
-The README's bash blocks run as written, in one temporary directory, in order
-(so that a later command meets the workdirs of the earlier ones, as a reader's
-would), at a small size: ``adafactor-train`` and ``adafactor-compare`` on the
+Their bash blocks (the README's, then the pages' in the order of docs/index.md's
+tables of contents: tests/readme.py) run as written, in one temporary directory,
+in order (so that a later command meets the workdirs of the earlier ones, as a
+reader's would), at a small size: ``adafactor-train`` and ``adafactor-compare`` on the
 PATH are shims that append test_train's tiny model to the command. Of the
 fresh-machine lines, the command after the install runs; the test command is
 this suite itself.
@@ -62,7 +64,7 @@ def _free_port() -> int:
 def test_the_readmes_training_commands_work_in_order(tmp_path):
   scripts = _scripts()
   text = "\n".join(scripts)
-  # The commands the README promises, among them: configs by name, a mesh, two processes.
+  # The commands the pages promise, among them: configs by name, a mesh, two processes.
   for expected in ("--config big_vision", "--config paper:", "mesh.model=4", "--process_id 1"):
     assert expected in text, expected
   _shims(tmp_path / "bin")
