@@ -12,7 +12,15 @@ and ```` ```bash ```` blocks are run by the tests instead (tests/readme.py). The
 ``python -m benchmarks.readme`` from the committed result files.
 """
 
+import importlib.util
+import os
+
 import adafactor_jax
+
+# With libtpu installed (the [tpu] extra), jax probes for a TPU when the executed pages first use
+# it, and logs warnings into the build's output; the examples run on the CPU.
+if importlib.util.find_spec("libtpu") is not None:
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 project = "adafactor_jax"
 author = "adafactor_jax authors"

@@ -39,9 +39,9 @@ def test_the_readme_fits_on_a_screen_or_two_and_begins_with_the_fresh_machine_co
   first, second = pages.code_blocks("bash")[:2]
   assert first.endswith("pip install -e '.[train]' && adafactor-train\n"), first
   # The test command is exactly what CI runs (.ci/run).
-  assert second.endswith("pip install -e '.[test]' && python -m pytest -q\n"), second
+  assert second.endswith("pip install -e '.[test,tpu]' && python -m pytest -q\n"), second
   ci = (pages.ROOT / ".ci" / "run").read_text()
-  assert "pip install -q -e '.[test]'" in ci and "\npython -m pytest -q\n" in ci
+  assert "pip install -q -e '.[test,tpu]'" in ci and "\npython -m pytest -q\n" in ci
 
 
 def test_no_page_names_a_package_index_entry_or_a_repository_that_does_not_exist():
