@@ -28,8 +28,9 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from adafactor_jax.training import compare, input_pipeline, main, train
+from adafactor_jax.training import compare, input_pipeline, main, optimizers, train
 from adafactor_jax.training import config as config_lib
+from adafactor_jax.training import workdir as workdir_lib
 from adafactor_jax.training.configs import adamw, big_vision, default, paper, t5_finetune
 from tests.conftest import assert_bit_identical
 
@@ -265,7 +266,7 @@ def test_adafactor_state_is_under_one_percent_of_adamw_at_default_size():
   assert param_bytes > 1_000_000  # the default model, not a toy
 
   def state_bytes(opt_config) -> int:  # factored by the logical names, as the job does
-    tx = train.create_optimizer(opt_config, config.num_steps, nnx.get_partition_spec(params))
+    tx = optimizers.create_optimizer(opt_config, config.num_steps, nnx.get_partition_spec(params))
     return train.tree_bytes(jax.eval_shape(tx.init, params))
 
   adafactor_bytes = state_bytes(config.optimizer)
@@ -382,8 +383,8 @@ def holding_workdir(workdir: Path) -> subprocess.Popen:
     [
       sys.executable,
       "-c",
-      "import sys; from adafactor_jax.training import train\n"
-      f"with train.Workdir({str(workdir)!r}).claimed():\n"
+      "import sys; from adafactor_jax.training import workdir as workdir_lib\n"
+      f"with workdir_lib.Workdir({str(workdir)!r}).claimed():\n"
       "  print('held', flush=True); sys.stdin.read()",
     ],
     stdin=subprocess.PIPE,
@@ -437,7 +438,7 @@ def test_a_workdir_on_a_filesystem_without_locks_still_trains(tmp_path, monkeypa
     calls.append(operation)
     raise OSError(errno.ENOLCK, "No locks available")
 
-  monkeypatch.setattr(train.fcntl, "flock", no_locks)
+  monkeypatch.setattr(workdir_lib.fcntl, "flock", no_locks)
   assert run_main(*tiny_flags(), f"--workdir={tmp_path / 'run'}") == 0
   assert calls == [fcntl.LOCK_EX | fcntl.LOCK_NB]
   assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == TINY["num_steps"]
@@ -611,7 +612,7 @@ def test_a_warmup_in_steps_or_as_a_fraction_of_the_run_is_the_same_run(tmp_path)
   recorded.optimizer.warmup_steps, recorded.optimizer.warmup_fraction = 50, 0.0
   saved = json.loads(recorded.to_json())
   without_fraction = {k: v for k, v in saved["optimizer"].items() if k != "warmup_fraction"}
-  workdir = train.Workdir(str(tmp_path))
+  workdir = workdir_lib.Workdir(str(tmp_path))
   for old_style in (saved, {**saved, "optimizer": without_fraction}):
     (tmp_path / "config.json").write_text(json.dumps(old_style))
     config = default.get_config()
@@ -703,7 +704,7 @@ def test_an_unknown_config_name_lists_the_packaged_ones(tmp_path, capsys, monkey
   assert list(tmp_path.iterdir()) == []
   assert main.main([PROG, "--help"]) == 0
   out = capsys.readouterr().out
-  assert "Packaged configs: adamw, big_vision, default, t5_finetune, paper:<row>" in out
+  assert "Packaged configs: adamw, big_vision, default, smoke, t5_finetune, paper:<row>" in out
 
 
 def test_bad_flag_in_a_real_process_exits_2_on_stderr(tmp_path):
@@ -838,12 +839,12 @@ def test_resolve_config_refuses_naming_the_key(user, fragments):
 
 
 def test_learning_rate_schedule_warms_up_then_decays():
-  assert train.learning_rate_schedule(paper.get_config().optimizer, 100) is None  # rho_t
+  assert optimizers.learning_rate_schedule(paper.get_config().optimizer, 100) is None  # rho_t
   opt = default.get_config().optimizer
   opt.learning_rate = 1e-2
   for warmup_steps, warmup_fraction, warmup in ((10, 0.0, 10), (0, 0.05, 5), (0, 0.0, 0)):
     opt.warmup_steps, opt.warmup_fraction = warmup_steps, warmup_fraction
-    schedule = train.learning_rate_schedule(opt, 100)
+    schedule = optimizers.learning_rate_schedule(opt, 100)
     values = np.array([float(schedule(t)) for t in range(101)])
     if warmup:
       assert 0 < values[0] < values[warmup // 2] < values[warmup]
@@ -853,7 +854,7 @@ def test_learning_rate_schedule_warms_up_then_decays():
     assert values[100] < 0.5 * values[warmup]
   # The fraction follows num_steps: 5% of 1000 steps is 50.
   opt.warmup_fraction = 0.05
-  values = [float(train.learning_rate_schedule(opt, 1000)(t)) for t in (49, 50, 51)]
+  values = [float(optimizers.learning_rate_schedule(opt, 1000)(t)) for t in (49, 50, 51)]
   assert values[0] < values[1] == pytest.approx(1e-2) and values[2] < values[1]
   bad = [
     ({"warmup_steps": 100, "warmup_fraction": 0.0}, "'optimizer.warmup_steps' must be in [0, num"),
@@ -863,10 +864,10 @@ def test_learning_rate_schedule_warms_up_then_decays():
   for changes, message in bad:
     opt.update(changes)
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
-      train.learning_rate_schedule(opt, 100)
+      optimizers.learning_rate_schedule(opt, 100)
   opt.update({"learning_rate": None, "warmup_steps": 0, "schedule": "constant"})
   with pytest.raises(config_lib.ConfigError, match="'optimizer.warmup_fraction' need"):
-    train.learning_rate_schedule(opt, 100)
+    optimizers.learning_rate_schedule(opt, 100)
 
 
 def test_set_config_value_sets_none_on_a_typed_field():
@@ -887,7 +888,7 @@ def test_every_shipped_config_resolves_and_builds_its_optimizer():
   names = set()
   for config in configs.values():
     resolved = config_lib.resolve_config(config)
-    train.create_optimizer(resolved.optimizer, resolved.num_steps)
+    optimizers.create_optimizer(resolved.optimizer, resolved.num_steps)
     names.add(resolved.optimizer.name)
   assert names == {"adafactor", "adamw", "big_vision", "t5x"}
   assert paper.get_config("no_clipping").optimizer.clipping_threshold is None
@@ -919,7 +920,7 @@ def test_weight_decay_means_adamws_for_every_optimizer(name, learning_rate, step
   }
   for key, value in changes.items():
     config_lib.set_config_value(config, f"optimizer.{key}", value)
-  tx = train.create_optimizer(config.optimizer, config.num_steps)
+  tx = optimizers.create_optimizer(config.optimizer, config.num_steps)
   params = {"w": jax.numpy.full((256, 128), 2.0), "b": jax.numpy.full((128,), -1.0)}
   grads = jax.tree.map(jax.numpy.zeros_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
@@ -938,7 +939,7 @@ def test_stochastic_rounding_key_rounds_bfloat16_params_for_any_optimizer(name):
   kinds = {}
   for rounding in (False, True):
     config_lib.set_config_value(config, "optimizer.stochastic_rounding", rounding)
-    tx = train.create_optimizer(config.optimizer, config.num_steps)
+    tx = optimizers.create_optimizer(config.optimizer, config.num_steps)
     updates, _ = tx.update(grads, tx.init(params), params)
     kinds[rounding] = updates["w"].dtype
   # Stochastic rounding's updates are float32 (see adafactor_jax.stochastic_rounding).
@@ -1131,7 +1132,7 @@ def test_run_suite_shrinks_every_run_and_compare_cli_writes_results(tmp_path, mo
 
   def fake_train_and_evaluate(config, workdir, progress=True):
     config = config_lib.resolve_config(config)  # every shrunk config is valid ...
-    tx = train.create_optimizer(config.optimizer, config.num_steps)  # ... and builds
+    tx = optimizers.create_optimizer(config.optimizer, config.num_steps)  # ... and builds
     assert workdir not in trained
     trained[workdir] = config
     loss = 2.0 + len(trained) / 10
@@ -1153,7 +1154,8 @@ def test_run_suite_shrinks_every_run_and_compare_cli_writes_results(tmp_path, mo
       "adamw_state_bytes": train.tree_bytes(jax.eval_shape(adamw_tx.init, params)),
     }
 
-  adamw_tx = train.create_optimizer(config_lib.resolve_config(adamw.get_config()).optimizer, 100)
+  adamw_opt = config_lib.resolve_config(adamw.get_config()).optimizer
+  adamw_tx = optimizers.create_optimizer(adamw_opt, 100)
   monkeypatch.setattr(train, "train_and_evaluate", fake_train_and_evaluate)
 
   results = compare.run_suite(
