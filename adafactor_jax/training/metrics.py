@@ -8,15 +8,20 @@ steps; ``plot_losses`` and ``plot_optimizer`` draw ``loss.png`` and
 from __future__ import annotations
 
 import collections
+import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
+from jax.sharding import Mesh
 from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
 from tensorboardX import SummaryWriter
 
 import adafactor_jax
+from adafactor_jax.training import partitioning
 from adafactor_jax.training.optimizers import split_layers
 from adafactor_jax.training.workdir import Workdir, param_path
 
@@ -208,3 +213,54 @@ def format_summary(s: dict[str, Any]) -> str:
       f"(mesh {s['mesh']}, {s['num_processes']} process(es))",
     ]
   )
+
+
+def start_line(params: Any, corpus: Any, mesh: Mesh, start: int, path: str) -> str:
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  return (
+    f"{num_params:,} params; {len(corpus.train):,} train / {len(corpus.eval):,} eval bytes; "
+    f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+    f"device(s), {jax.process_count()} process(es); "
+    + (f"resuming at step {start}" if start else "starting")
+    + f"; workdir {path}"
+  )
+
+
+def summary(
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  start: int,
+  records: list[dict],
+  params: Any,
+  opt_state: Any,
+  wall_time: float,
+) -> dict[str, Any]:
+  """summary.json: the run's final losses, time, and the bytes of its params and state."""
+  train_losses = [r["train_loss"] for r in records if "train_loss" in r]
+  eval_losses = [r["eval_loss"] for r in records if "eval_loss" in r]
+  switches = [r for r in records if "switched_from" in r]
+  return {
+    "optimizer": config.optimizer.name,
+    "steps": config.num_steps,
+    "resumed_from": start,
+    "final_train_loss": train_losses[-1] if train_losses else None,
+    "final_eval_loss": eval_losses[-1] if eval_losses else None,
+    "wall_time_sec": wall_time,
+    "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+    "param_bytes": tree_bytes(params),
+    "optimizer_state_bytes": tree_bytes(opt_state),
+    "adamw_state_bytes": tree_bytes(jax.eval_shape(optax.adamw(1e-3).init, params)),
+    "mesh": dict(mesh.shape),
+    "num_devices": jax.device_count(),
+    "num_processes": jax.process_count(),
+    "param_bytes_per_device": partitioning.per_device_bytes(params),
+    "optimizer_state_bytes_per_device": partitioning.per_device_bytes(opt_state),
+    "switched_from": (
+      {k: switches[0][k] for k in ("step", "switched_from", "warm_start")} if switches else None
+    ),
+  }
+
+
+def tree_bytes(tree: Any) -> int:
+  """Bytes of the arrays (or abstract arrays) in a pytree."""
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

@@ -10,6 +10,7 @@ state of the optimizer a run switches from.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import jax
@@ -19,7 +20,14 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 import adafactor_jax
-from adafactor_jax.training.config import OPTIMIZERS, ConfigError, dtype
+from adafactor_jax.training.config import (
+  OPTIMIZERS,
+  TRAINER_KEYS,
+  ConfigError,
+  dtype,
+  not_an_argument,
+  optimizer_arguments,
+)
 
 # The optimizers of optax, which record no telemetry.
 WITHOUT_TELEMETRY = ("adamw", "optax_adafactor")
@@ -32,8 +40,7 @@ def warmup_steps(steps: int, fraction: float, num_steps: int) -> int:
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule | None:
   """The configured schedule: linear warmup, then constant, cosine or rsqrt decay."""
-  # A config.json written before the key existed (the run being switched from) had none.
-  fraction = opt.get("warmup_fraction", 0.0)
+  fraction = opt.warmup_fraction
   if opt.learning_rate is None:
     if opt.schedule != "constant" or opt.warmup_steps or fraction:
       raise ConfigError(
@@ -80,30 +87,84 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> op
 def create_optimizer(
   opt: ml_collections.ConfigDict, num_steps: int, param_axes: Any = None
 ) -> optax.GradientTransformation:
-  """Builds the configured optimizer; invalid settings raise ConfigError naming the key.
+  """Builds the optimizer ``optimizer.name`` picks (config.OPTIMIZERS) from the section's other
+  keys, its keyword arguments; invalid settings raise ConfigError naming the key.
 
-  With ``param_axes`` (the params' logical axis names), Adafactor chooses its
-  factored axes by those names (``adafactor_jax.logical_factor_dims``), the
-  names that shard the parameters; without, by their shapes. With
-  ``optimizer.fused_backward``, a :class:`Layerwise` optimizer: the fused step's.
+  The trainer passes the arguments of its own keys (config.SUPPLIED): the learning
+  rate schedule; with ``param_axes`` (the params' logical axis names), factored
+  axes chosen by those names (``adafactor_jax.logical_factor_dims``), the names
+  that shard the parameters, rather than by their shapes; telemetry; stochastic
+  rounding (chained after an optimizer that does not take it); and
+  ``optimizer.weight_decay`` as ``optax.adamw``'s, in whatever form the
+  optimizer takes it. With ``optimizer.fused_backward``, a :class:`Layerwise`
+  optimizer: the fused step's.
   """
   lr = learning_rate_schedule(opt, num_steps)
+  arguments = optimizer_arguments(opt.name)
+  for key in opt:
+    if key not in TRAINER_KEYS:
+      if key not in arguments:
+        raise not_an_argument(key, opt.name)
+      arguments[key] = opt[key]
+  for key, value in arguments.items():
+    if "dtype" in key and isinstance(value, str):
+      arguments[key] = dtype(f"optimizer.{key}", value)
   try:
-    factor_dims = None
-    if param_axes is not None:
-      if opt.fused_backward:  # the optimizer sees one layer at a time
-        param_axes = _one_layer_axes(param_axes)
-      factor_dims = adafactor_jax.logical_factor_dims(
-        param_axes, min_dim_size_to_factor=opt.min_dim_size_to_factor
-      )
-    tx = _create_optimizer(opt, lr, factor_dims)
-    if opt.stochastic_rounding and opt.name != "adafactor":
+    if param_axes is not None and opt.fused_backward:  # the optimizer sees one layer at a time
+      param_axes = _one_layer_axes(param_axes)
+    supplied = _supplied(opt, lr, arguments, param_axes)
+    function = OPTIMIZERS[opt.name]
+    takes = inspect.signature(function).parameters
+    tx = function(**arguments, **{k: v for k, v in supplied.items() if k in takes})
+    if opt.stochastic_rounding and "stochastic_rounding" not in takes:
       tx = optax.chain(tx, adafactor_jax.stochastic_rounding(opt.rounding_seed))
     return layerwise(tx) if opt.fused_backward else tx
   except ConfigError:
     raise
   except (ValueError, TypeError) as e:
     raise ConfigError(f"optimizer {opt.name!r}: {e}") from e
+
+
+def _supplied(
+  opt: ml_collections.ConfigDict,
+  lr: optax.Schedule | None,
+  arguments: dict[str, Any],
+  param_axes: Any,
+) -> dict[str, Any]:
+  """The arguments the trainer passes from its own keys (those the optimizer takes are)."""
+  if opt.telemetry and opt.name in WITHOUT_TELEMETRY:
+    raise ConfigError(
+      "config key 'optimizer.telemetry' asks for this library's figures (adafactor_jax.telemetry);"
+      f" 'optimizer.name' {opt.name!r} records none: pass --config.optimizer.telemetry=False "
+      "(configs/adamw.py does)."
+    )
+  if lr is None and opt.name in WITHOUT_TELEMETRY:  # optax's need one
+    raise ConfigError(f"config key 'optimizer.learning_rate' is required for {opt.name}.")
+  factor_dims = None
+  if param_axes is not None and arguments.get("factored", True):
+    size = arguments.get("min_dim_size_to_factor")  # None: logical_factor_dims' default
+    factor_dims = adafactor_jax.logical_factor_dims(
+      param_axes, **({} if size is None else {"min_dim_size_to_factor": size})
+    )
+  # The step size that 'optimizer.weight_decay' is multiplied by: without a learning rate,
+  # Adafactor's relative step, or presets.t5x's default learning rate.
+  step_size: Any = lr
+  if lr is None and opt.name == "adafactor":
+    step_size = adafactor_jax.relative_step_size(arguments["warmup_init"])
+  elif lr is None and opt.name == "t5x":
+    step_size = adafactor_jax.schedules.rsqrt_decay()
+  decay = opt.weight_decay
+  return {
+    "learning_rate": lr,
+    "factor_dims": factor_dims,
+    "telemetry": opt.telemetry,
+    "stochastic_rounding": opt.stochastic_rounding,
+    "rounding_seed": opt.rounding_seed,
+    # optax.adamw's own weight decay (whose None is 0), and big_vision's, are the key's.
+    "weight_decay": decay if decay is not None or opt.name != "adamw" else 0.0,
+    # The library's weight_decay_rate is not multiplied by the step size.
+    "weight_decay_rate": None if decay is None else (lambda count: decay * step_size(count)),
+  }
 
 
 class Layerwise(optax.GradientTransformation):
@@ -158,84 +219,6 @@ def _one_layer_axes(param_axes: Any) -> Any:
   return nnx.State({**rest.raw_mapping, **one_layer.raw_mapping})
 
 
-def _create_optimizer(
-  opt: ml_collections.ConfigDict, lr: optax.ScalarOrSchedule | None, factor_dims: Any
-) -> optax.GradientTransformation:
-  # A config.json written before the key existed (the run being switched from) had none.
-  telemetry = opt.get("telemetry", False)
-  if telemetry and opt.name in WITHOUT_TELEMETRY:
-    raise ConfigError(
-      "config key 'optimizer.telemetry' asks for this library's figures (adafactor_jax.telemetry);"
-      f" 'optimizer.name' {opt.name!r} records none: pass --config.optimizer.telemetry=False "
-      "(configs/adamw.py does)."
-    )
-  if opt.name == "adafactor":
-    return adafactor_jax.adafactor(
-      learning_rate=lr,
-      decay_rate=opt.decay_rate,
-      decay_offset=opt.decay_offset,
-      beta2_cap=opt.beta2_cap,
-      clipping_threshold=opt.clipping_threshold,
-      multiply_by_parameter_scale=opt.multiply_by_parameter_scale,
-      epsilon1=opt.epsilon1,
-      epsilon2=opt.epsilon2,
-      warmup_init=opt.warmup_init,
-      momentum=opt.momentum,
-      momentum_dtype=dtype("optimizer.momentum_dtype", opt.momentum_dtype),
-      weight_decay_rate=_adamw_style_decay(
-        opt, lr or adafactor_jax.relative_step_size(opt.warmup_init)
-      ),
-      factored=opt.factored,
-      min_dim_size_to_factor=opt.min_dim_size_to_factor,
-      factor_dims=factor_dims if opt.factored else None,
-      skip_nonfinite=opt.skip_nonfinite,
-      stochastic_rounding=opt.stochastic_rounding,
-      rounding_seed=opt.rounding_seed,
-      telemetry=telemetry,
-    )
-  if opt.name == "big_vision":
-    return adafactor_jax.presets.big_vision(
-      learning_rate=lr,
-      weight_decay=opt.weight_decay,
-      momentum=opt.momentum,
-      momentum_dtype=dtype("optimizer.momentum_dtype", opt.momentum_dtype),
-      beta2_cap=opt.beta2_cap,
-      min_dim_size_to_factor=opt.min_dim_size_to_factor,
-      factor_dims=factor_dims,
-      telemetry=telemetry,
-    )
-  if opt.name == "t5x":
-    lr = lr or adafactor_jax.schedules.rsqrt_decay()  # the preset's own default
-    return adafactor_jax.presets.t5x(
-      learning_rate=lr,
-      weight_decay_rate=_adamw_style_decay(opt, lr),
-      momentum=opt.momentum,
-      factor_dims=factor_dims,
-      telemetry=telemetry,
-    )
-  if opt.name == "optax_adafactor":  # the anchor users have today, for the comparison
-    if lr is None:
-      raise ConfigError("config key 'optimizer.learning_rate' is required for optax_adafactor.")
-    return optax.adafactor(
-      learning_rate=lr,
-      min_dim_size_to_factor=opt.min_dim_size_to_factor,
-      decay_rate=opt.decay_rate,
-      decay_offset=opt.decay_offset,
-      multiply_by_parameter_scale=opt.multiply_by_parameter_scale,
-      clipping_threshold=opt.clipping_threshold,
-      momentum=opt.momentum,
-      dtype_momentum=dtype("optimizer.momentum_dtype", opt.momentum_dtype),
-      weight_decay_rate=_adamw_style_decay(opt, lr),
-      eps=opt.epsilon1,
-      factored=opt.factored,
-    )
-  if opt.name == "adamw":
-    if lr is None:
-      raise ConfigError("config key 'optimizer.learning_rate' is required for adamw.")
-    return optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay or 0.0)
-  raise ConfigError(f"config key 'optimizer.name' must be one of {OPTIMIZERS}, got {opt.name!r}.")
-
-
 def switched_state(
   opt: ml_collections.ConfigDict,
   source_opt: ml_collections.ConfigDict,
@@ -259,19 +242,3 @@ def switched_state(
       f"config key 'optimizer.warm_start': the state of {source_opt.name!r} does not convert "
       f"into {opt.name!r}'s ({e}) Pass --config.optimizer.warm_start=False for a cold start."
     ) from e
-
-
-def _adamw_style_decay(
-  opt: ml_collections.ConfigDict, step_size: optax.Schedule
-) -> optax.Schedule | None:
-  """``optimizer.weight_decay`` as Adafactor's rate: :math:`\\lambda \\eta_t`.
-
-  The config's weight decay means what ``optax.adamw``'s does for every
-  optimizer, :math:`X \\leftarrow X - \\eta_t \\lambda X` with :math:`\\eta_t` the
-  learning rate (Adafactor's relative step :math:`\\rho_t` without one), where
-  the library's ``weight_decay_rate`` is not multiplied by anything.
-  """
-  if opt.weight_decay is None:
-    return None
-  decay = opt.weight_decay
-  return lambda count: decay * step_size(count)

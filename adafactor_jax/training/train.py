@@ -104,11 +104,6 @@ class _StopOnSignal:
     self._restore()
 
 
-def tree_bytes(tree: Any) -> int:
-  """Bytes of the arrays (or abstract arrays) in a pytree."""
-  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
 # --------------------------------------------------------------------------- model and steps
 
 
@@ -311,7 +306,7 @@ def train_and_evaluate(
     telemetry = metrics.Telemetry(config.optimizer, abstract_params, enabled=main_process)
     title = f"{config.optimizer.name} on {corpus.num_files} files, mesh {dict(mesh.shape)}"
     if show:
-      print(_start_line(params, corpus, mesh, start, work.path), flush=True)
+      print(metrics.start_line(params, corpus, mesh, start, work.path), flush=True)
     began = window_start = time.perf_counter()
     bar = _progress_bar(config.num_steps, start, show)
     log = bar.write if show else lambda _: None
@@ -365,7 +360,8 @@ def train_and_evaluate(
     if signum:
       raise Stopped(signum, done)
 
-    summary = _summary(config, mesh, start, records, params, opt_state, time.perf_counter() - began)
+    wall_time = time.perf_counter() - began
+    summary = metrics.summary(config, mesh, start, records, params, opt_state, wall_time)
     if main_process:
       work.write_metrics(records)
       metrics.plot(records, work, title, telemetry.enabled)
@@ -423,17 +419,6 @@ def _resume(
   )
 
 
-def _start_line(params: Any, corpus: Any, mesh: Mesh, start: int, path: str) -> str:
-  num_params = sum(x.size for x in jax.tree.leaves(params))
-  return (
-    f"{num_params:,} params; {len(corpus.train):,} train / {len(corpus.eval):,} eval bytes; "
-    f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
-    f"device(s), {jax.process_count()} process(es); "
-    + (f"resuming at step {start}" if start else "starting")
-    + f"; workdir {path}"
-  )
-
-
 def _progress_bar(num_steps: int, start: int, show: bool) -> tqdm:
   return tqdm(
     total=num_steps,
@@ -444,38 +429,3 @@ def _progress_bar(num_steps: int, start: int, show: bool) -> tqdm:
     # Not a terminal (a notebook, a log file): a line every 10 s, not every redraw.
     mininterval=0.1 if sys.stderr.isatty() else 10.0,
   )
-
-
-def _summary(
-  config: ml_collections.ConfigDict,
-  mesh: Mesh,
-  start: int,
-  records: list[dict],
-  params: Any,
-  opt_state: Any,
-  wall_time: float,
-) -> dict[str, Any]:
-  """summary.json: the run's final losses, time, and the bytes of its params and state."""
-  train_losses = [r["train_loss"] for r in records if "train_loss" in r]
-  eval_losses = [r["eval_loss"] for r in records if "eval_loss" in r]
-  switches = [r for r in records if "switched_from" in r]
-  return {
-    "optimizer": config.optimizer.name,
-    "steps": config.num_steps,
-    "resumed_from": start,
-    "final_train_loss": train_losses[-1] if train_losses else None,
-    "final_eval_loss": eval_losses[-1] if eval_losses else None,
-    "wall_time_sec": wall_time,
-    "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-    "param_bytes": tree_bytes(params),
-    "optimizer_state_bytes": tree_bytes(opt_state),
-    "adamw_state_bytes": tree_bytes(jax.eval_shape(optax.adamw(1e-3).init, params)),
-    "mesh": dict(mesh.shape),
-    "num_devices": jax.device_count(),
-    "num_processes": jax.process_count(),
-    "param_bytes_per_device": partitioning.per_device_bytes(params),
-    "optimizer_state_bytes_per_device": partitioning.per_device_bytes(opt_state),
-    "switched_from": (
-      {k: switches[0][k] for k in ("step", "switched_from", "warm_start")} if switches else None
-    ),
-  }

@@ -23,7 +23,13 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from adafactor_jax._checks import path_name
-from adafactor_jax.training.config import ConfigError, flatten
+from adafactor_jax.training.config import (
+  OPTIMIZERS,
+  TRAINER_KEYS,
+  ConfigError,
+  flatten,
+  optimizer_arguments,
+)
 from adafactor_jax.training.optimizers import warmup_steps
 
 # Keys whose change makes an existing workdir's checkpoints a different run.
@@ -46,6 +52,7 @@ def _warmup_in_steps(flat_config: dict[str, Any]) -> dict[str, Any]:
 @dataclasses.dataclass
 class Workdir:
   path: str
+  checkpointed: int | None = None  # the latest checkpoint's step, once check() has read it
 
   def file(self, name: str) -> str:
     return os.path.join(self.path, name)
@@ -120,10 +127,8 @@ class Workdir:
       extra = ("num_steps",) if config.optimizer.schedule == "cosine" else ()
       current = flatten(ml_collections.ConfigDict(json.loads(config.to_json())))
       with open(saved) as f:
-        previous_config = ml_collections.ConfigDict(json.load(f))
+        previous_config = upgrade(json.load(f))
       previous = flatten(previous_config)
-      # A run from before this key existed recorded none: telemetry off.
-      previous.setdefault("optimizer.telemetry", False)
       current, previous = _warmup_in_steps(current), _warmup_in_steps(previous)
       changed = sorted(
         key
@@ -175,7 +180,7 @@ class Workdir:
       with ocp.CheckpointManager(
         self.file("checkpoints"), options=options, item_handlers=ocp.StandardCheckpointHandler()
       ) as manager:
-        step = manager.latest_step()
+        step = self.checkpointed = manager.latest_step()
         if step is None:
           return
         saved = manager.item_metadata(step)["params"]
@@ -202,7 +207,10 @@ class Workdir:
       )
 
   def finished_summary(self, num_steps: int) -> dict[str, Any] | None:
-    """summary.json, if the workdir holds this run finished at ``num_steps``; else None."""
+    """summary.json, if the workdir holds this run finished at ``num_steps`` (its summary
+    and its checkpoint of that step, as check() found it); else None."""
+    if self.checkpointed != num_steps:
+      return None
     try:
       with open(self.file("summary.json")) as f:
         summary = json.load(f)
@@ -260,3 +268,30 @@ class Workdir:
 def param_path(path: jax.tree_util.KeyPath) -> str:
   # nnx.State adds a '/value' key to each parameter that Orbax's metadata tree does not have.
   return path_name(path).removesuffix("/value")
+
+
+def upgrade(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A run's config.json as this version writes it, from whichever version wrote it: the one
+  place that knows the older layouts.
+
+  Before 'optimizer.telemetry' and 'optimizer.warmup_fraction' existed, runs had
+  neither (telemetry off, no fraction). Before the optimizer section held the
+  arguments of the chosen optimizer (by name, config.OPTIMIZERS), it held every
+  optimizer's keys side by side (its mark: both 'epsilon2' and 'b1'), of which
+  the trainer passed the chosen one's, optax.adafactor's under other names
+  (epsilon1, momentum_dtype) and Adafactor's min_dim_size_to_factor as 128,
+  which is the library's None; the others were ignored.
+  """
+  opt = dict(saved["optimizer"])
+  opt.setdefault("telemetry", False)
+  opt.setdefault("warmup_fraction", 0.0)
+  if "epsilon2" in opt and "b1" in opt and opt["name"] in OPTIMIZERS:
+    if opt["name"] == "optax_adafactor":
+      opt["eps"], opt["dtype_momentum"] = opt["epsilon1"], opt["momentum_dtype"]
+    if opt["name"] == "adafactor" and opt["min_dim_size_to_factor"] == 128:
+      opt["min_dim_size_to_factor"] = None
+    arguments = optimizer_arguments(opt["name"])
+    opt = {k: v for k, v in opt.items() if k in TRAINER_KEYS} | {
+      k: opt.get(k, default) for k, default in arguments.items()
+    }
+  return ml_collections.ConfigDict({**saved, "optimizer": opt})

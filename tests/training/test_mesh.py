@@ -28,15 +28,8 @@ from jax.sharding import PartitionSpec as P
 
 from adafactor_jax.training import partitioning, train
 from tests.conftest import collectives
-from tests.training.test_train import (
-  cli_command,
-  holding_workdir,
-  read_jsonl,
-  release_workdir,
-  restore,
-  tiny_config,
-  tiny_flags,
-)
+from tests.training.test_train import cli_command, read_jsonl, restore, tiny_config, tiny_flags
+from tests.training.test_workdir import holding_workdir, release_workdir
 
 TIMEOUT_S = 300
 FLAGS = [*tiny_flags(), "--progress=false"]

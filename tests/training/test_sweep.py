@@ -12,10 +12,11 @@ import numpy as np
 import optax
 import pytest
 
-from adafactor_jax.training import compare, optimizers, sweep, train
+from adafactor_jax.training import compare, metrics, optimizers, sweep, train
 from adafactor_jax.training import config as config_lib
 from adafactor_jax.training.configs import default
-from tests.training.test_train import RESULTS, TINY
+from tests.training.test_compare import RESULTS
+from tests.training.test_train import TINY
 
 CENTRE = {row.name: row.centre for row in sweep.ROWS}
 OFFSET = {  # each row's best learning rate, in grid steps from its centre: some far from it
@@ -78,8 +79,8 @@ def fake_training(monkeypatch):
       "steps": config.num_steps,
       "final_train_loss": loss,
       "final_eval_loss": loss,
-      "optimizer_state_bytes": train.tree_bytes(jax.eval_shape(tx.init, params)),
-      "adamw_state_bytes": train.tree_bytes(jax.eval_shape(optax.adamw(1e-3).init, params)),
+      "optimizer_state_bytes": metrics.tree_bytes(jax.eval_shape(tx.init, params)),
+      "adamw_state_bytes": metrics.tree_bytes(jax.eval_shape(optax.adamw(1e-3).init, params)),
     }
     return summaries[workdir]
 
