@@ -9,11 +9,6 @@ from adafactor_jax.training.configs import default
 
 def get_config():
   config = default.get_config()
-  opt = config.optimizer
-  opt.name = "big_vision"
-  opt.learning_rate = 3e-3
-  opt.momentum = 0.9
-  opt.momentum_dtype = "bfloat16"
-  opt.beta2_cap = 0.999
-  opt.min_dim_size_to_factor = 32
+  config.optimizer.name = "big_vision"  # its other arguments at the preset's defaults
+  config.optimizer.learning_rate = 3e-3
   return config

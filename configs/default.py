@@ -5,8 +5,8 @@ paper's update (factored, 1 - t^-0.8, clipping, parameter scale, no momentum) wi
 rate of 4e-2 times each parameter's scale, warmed up over 5% of the run, then cosine decay;
 configs/paper.py:defaults has the paper's relative step instead. About 4 minutes on 2 CPU cores.
 
-Every field any config may set is defined here: other configs start from this one, and a key
-that is not here is an error.
+Every field any config may set is defined here, but for the optimizer's own arguments (see
+`optimizer` below): other configs start from this one, and a key that is not here is an error.
 """
 
 import ml_collections
@@ -57,8 +57,12 @@ def get_config() -> ml_collections.ConfigDict:
     ("joined_kv", "model"),
   )
 
-  # `name` picks the optimizer: "adafactor" (adafactor_jax.adafactor with the
-  # fields below), "big_vision" or "t5x" (adafactor_jax.presets), or "adamw".
+  # `name` picks the optimizer: "adafactor" (adafactor_jax.adafactor), "big_vision" or "t5x"
+  # (adafactor_jax.presets), "adamw" (optax.adamw) or "optax_adafactor" (optax.adafactor).
+  # Besides the keys below, the trainer's, the section holds keyword arguments of that function
+  # (e.g. decay_rate, clipping_threshold, momentum, momentum_dtype for "adafactor"; b1, b2 for
+  # "adamw"): every one left out takes the function's default, and config.json records it. A key
+  # the chosen optimizer does not take is refused.
   opt = config.optimizer = ml_collections.ConfigDict()
   opt.name = "adafactor"
   # None: the paper's relative step size rho_t = min(1e-2, 1/sqrt(t))
@@ -68,22 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (rounded; it follows --config.num_steps): one of them.
   opt.warmup_steps = 0
   opt.warmup_fraction = 0.05
-  opt.decay_rate = 0.8
-  opt.decay_offset = 0
-  opt.beta2_cap = config_dict.placeholder(float)
-  opt.clipping_threshold = 1.0
-  opt.multiply_by_parameter_scale = True
-  opt.epsilon1 = 1e-30
-  opt.epsilon2 = 1e-3
-  opt.warmup_init = False
-  opt.momentum = config_dict.placeholder(float)
-  opt.momentum_dtype = "float32"
   # Decoupled weight decay, for every optimizer as optax.adamw's: X <- X - lr_t * wd * X, with
   # lr_t the learning rate schedule (Adafactor's relative step size rho_t without one).
   opt.weight_decay = config_dict.placeholder(float)
-  opt.factored = True
-  opt.min_dim_size_to_factor = 128
-  opt.skip_nonfinite = False
   # Each layer's update applied inside the backward pass (adafactor_jax.fused_train_step), so
   # at most one layer's gradient exists at a time: needs model.scan_layers and an optimizer
   # that updates each parameter from its own gradient ("adafactor", no skip_nonfinite).
@@ -92,11 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
   opt.rounding_seed = 0
   # Record the figures each step computes anyway (adafactor_jax.telemetry): RMS(U), clipping,
   # parameter scale, beta2, step size. Read at log steps only, into metrics.jsonl, optimizer.png
-  # and TensorBoard. The Adafactors only: "adamw" records none (configs/adamw.py sets False).
+  # and TensorBoard. The Adafactors only: optax's record none (configs/adamw.py sets False).
   opt.telemetry = True
-  opt.b1 = 0.9  # adamw only
-  opt.b2 = 0.999  # adamw only
-  opt.eps = 1e-8  # adamw only
   # Switching optimizers mid-run: the name of the optimizer whose checkpoints the workdir
   # holds (e.g. "adamw"); the run resumes there with this optimizer, its state converted
   # (adafactor_jax.warm_start_state) or, with warm_start False, started afresh.

@@ -11,7 +11,6 @@ beta2 (1 - beta2^(t-1)) / (1 - beta2^t) is close to min(beta2, 1 - 1/t), which
 is ``decay_rate=1.0, beta2_cap=beta2``.
 """
 
-from adafactor_jax.training.config import set_config_value
 from adafactor_jax.training.configs import default
 
 PAPER = {  # the default job's optimizer with the paper's relative step, rather than a tuned one
@@ -47,5 +46,7 @@ def get_config(row: str = "defaults"):
     raise ValueError(f"configs/paper.py: unknown row {row!r}; the rows are {', '.join(ROWS)}.")
   config = default.get_config()
   for key, value in {**PAPER, **ROWS[row]}.items():
-    set_config_value(config, key, value)
+    section, name = key.split(".")
+    with config[section].ignore_type():  # None for a float field
+      config[section][name] = value
   return config

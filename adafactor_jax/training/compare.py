@@ -38,8 +38,13 @@ from absl import flags
 from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
 
 from adafactor_jax.training import input_pipeline, sweep, train
-from adafactor_jax.training import main as main_lib
-from adafactor_jax.training.config import ConfigError, set_config_value
+from adafactor_jax.training.config import (
+  TRAINER_KEYS,
+  ConfigError,
+  optimizer_arguments,
+  override_values,
+  set_config_value,
+)
 from adafactor_jax.training.configs import adamw, big_vision, default, paper
 
 ADAMW_LEARNING_RATES = (1e-3, 3e-3, 1e-2)
@@ -95,7 +100,8 @@ def run_suite(
     workdir: each run goes to ``<workdir>/<suite>/<run name>``.
     num_steps: if given, every run's length (warmups shrink to fit).
     progress: show progress bars and summaries.
-    overrides: dotted config keys set on every run, e.g. ``{"model.d_model": 32}``.
+    overrides: dotted config keys set on every run, e.g. ``{"model.d_model": 32}``; an
+      optimizer's argument on the runs whose optimizer takes it.
     rows: the fair suite's rows to run (default all: ``sweep.ROWS``).
   """
   if rows is not None and suite != "fair":
@@ -103,6 +109,10 @@ def run_suite(
 
   def configure(config: Any) -> None:
     for key, value in (overrides or {}).items():
+      section, _, leaf = key.partition(".")
+      arguments = optimizer_arguments(config.optimizer.name)
+      if section == "optimizer" and leaf not in TRAINER_KEYS and leaf not in arguments:
+        continue  # an argument of the suite's other optimizers
       set_config_value(config, key, value)
     if num_steps is not None:  # short runs, for smoke tests: warmups shrink to fit
       config.num_steps = num_steps
@@ -283,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{__doc__}\nFlags:\n{flag_values.get_help()}")
     return 0
   try:
-    argv, overrides = main_lib.override_values(argv, PROG)
+    argv, overrides = override_values(argv, PROG)
     rest = flag_values(argv)
     if len(rest) > 1:
       raise flags.Error(f"unexpected argument {rest[1]!r}.")

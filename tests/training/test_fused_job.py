@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import assert_bit_identical
 from tests.training.test_mesh import _assert_same_run, _resume_copy, _train
 from tests.training.test_train import (
-  _assert_refused,
+  assert_refused,
   read_jsonl,
   restore,
   run_main,
@@ -177,7 +177,7 @@ def test_int8_momentum_from_the_config_is_stored_in_int8(runs):
 def test_what_the_fused_step_cannot_do_is_refused_naming_the_key(flags, fragment, tmp_path, capsys):
   workdir = tmp_path / "run"
   rc = run_main(*tiny_flags(), *FUSED, *flags, f"--workdir={workdir}")
-  _assert_refused(capsys, rc, ["config key 'optimizer.fused_backward'", fragment])
+  assert_refused(capsys, rc, ["config key 'optimizer.fused_backward'", fragment])
   assert not workdir.exists()
 
 

@@ -28,15 +28,8 @@ from jax.sharding import PartitionSpec as P
 
 from adafactor_jax.training import partitioning, train
 from tests.conftest import collectives
-from tests.training.test_train import (
-  cli_command,
-  holding_workdir,
-  read_jsonl,
-  release_workdir,
-  restore,
-  tiny_config,
-  tiny_flags,
-)
+from tests.training.test_train import cli_command, read_jsonl, restore, tiny_config, tiny_flags
+from tests.training.test_workdir import holding_workdir, release_workdir
 
 TIMEOUT_S = 300
 FLAGS = [*tiny_flags(), "--progress=false"]
@@ -243,7 +236,7 @@ COMPILE_UPDATE = textwrap.dedent(
   import json, sys
   import jax
   from flax import nnx
-  from adafactor_jax.training import config as config_lib, partitioning, train
+  from adafactor_jax.training import config as config_lib, optimizers, partitioning, train
   from adafactor_jax.training.configs import default
 
   config = config_lib.resolve_config(default.get_config())
@@ -251,7 +244,7 @@ COMPILE_UPDATE = textwrap.dedent(
   mesh = partitioning.create_mesh(config.mesh)
   _, params = nnx.split(nnx.eval_shape(lambda: train.create_model(config)))
   axes = nnx.get_partition_spec(params)
-  tx = train.create_optimizer(config.optimizer, config.num_steps, axes)
+  tx = optimizers.create_optimizer(config.optimizer, config.num_steps, axes)
   shardings = train.create_shardings(config, mesh, tx, params, axes)
   update = jax.jit(
     lambda state, grads, params: tx.update(grads, state, params),

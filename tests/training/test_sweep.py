@@ -12,10 +12,11 @@ import numpy as np
 import optax
 import pytest
 
-from adafactor_jax.training import compare, sweep, train
+from adafactor_jax.training import compare, metrics, optimizers, sweep, train
 from adafactor_jax.training import config as config_lib
 from adafactor_jax.training.configs import default
-from tests.training.test_train import RESULTS, TINY
+from tests.training.test_compare import RESULTS
+from tests.training.test_train import TINY
 
 CENTRE = {row.name: row.centre for row in sweep.ROWS}
 OFFSET = {  # each row's best learning rate, in grid steps from its centre: some far from it
@@ -60,7 +61,7 @@ def fake_training(monkeypatch):
 
   def fake_train_and_evaluate(config, workdir, progress=True):
     config = config_lib.resolve_config(config)  # every run's config is valid ...
-    tx = train.create_optimizer(config.optimizer, config.num_steps)  # ... and builds
+    tx = optimizers.create_optimizer(config.optimizer, config.num_steps)  # ... and builds
     params = {"w": jax.ShapeDtypeStruct((256, 256), np.float32)}
     if workdir in summaries:
       trained.reused.append(workdir)
@@ -78,8 +79,8 @@ def fake_training(monkeypatch):
       "steps": config.num_steps,
       "final_train_loss": loss,
       "final_eval_loss": loss,
-      "optimizer_state_bytes": train.tree_bytes(jax.eval_shape(tx.init, params)),
-      "adamw_state_bytes": train.tree_bytes(jax.eval_shape(optax.adamw(1e-3).init, params)),
+      "optimizer_state_bytes": metrics.tree_bytes(jax.eval_shape(tx.init, params)),
+      "adamw_state_bytes": metrics.tree_bytes(jax.eval_shape(optax.adamw(1e-3).init, params)),
     }
     return summaries[workdir]
 
@@ -258,7 +259,7 @@ def test_the_fair_protocol_end_to_end_on_a_tiny_model(tmp_path):
     )
     # 5% of 20 steps: one warmup step, then cosine decay from the run's learning rate.
     in_steps = ml_collections.ConfigDict({**opt.to_dict(), "warmup_steps": 1, "warmup_fraction": 0})
-    schedules = [train.learning_rate_schedule(o, 20) for o in (opt, in_steps)]
+    schedules = [optimizers.learning_rate_schedule(o, 20) for o in (opt, in_steps)]
     values = [[float(schedule(step)) for step in range(21)] for schedule in schedules]
     assert values[0] == values[1]
     assert values[0][1] == pytest.approx(learning_rate, rel=1e-3)

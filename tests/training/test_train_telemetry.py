@@ -23,7 +23,8 @@ from tensorboardX.proto import event_pb2
 
 import adafactor_jax
 from adafactor_jax.training import config as config_lib
-from adafactor_jax.training import train
+from adafactor_jax.training import optimizers, train
+from adafactor_jax.training import workdir as workdir_lib
 from adafactor_jax.training.configs import paper
 from tests.training.test_train import PAPER_FILE, TINY, read_jsonl, run_main, tiny_flags
 
@@ -70,7 +71,7 @@ def _restored(workdir: Path, step: int) -> tuple[dict, object]:
   config = _config()
   _, abstract_params = nnx.split(nnx.eval_shape(lambda: train.create_model(config)))
   axes = nnx.get_partition_spec(abstract_params)
-  tx = train.create_optimizer(config.optimizer, config.num_steps, axes)
+  tx = optimizers.create_optimizer(config.optimizer, config.num_steps, axes)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -84,7 +85,7 @@ def _restored(workdir: Path, step: int) -> tuple[dict, object]:
   with ocp.CheckpointManager(workdir / "checkpoints", item_handlers=handler) as manager:
     restored = manager.restore(step, args=ocp.args.StandardRestore(target))
   params = {
-    train._param_path(path): np.asarray(x)
+    workdir_lib.param_path(path): np.asarray(x)
     for path, x in jax.tree_util.tree_leaves_with_path(restored["params"])
   }
   return params, restored["opt_state"]
@@ -222,6 +223,6 @@ def test_a_workdir_from_before_the_key_resumes_with_telemetry_off(run, tmp_path)
   current = _config()
   _, abstract_params = nnx.split(nnx.eval_shape(lambda: train.create_model(current)))
   with pytest.raises(config_lib.ConfigError, match=r"different config \(optimizer\.telemetry\)"):
-    train.Workdir(str(workdir)).check(current, abstract_params)
+    workdir_lib.Workdir(str(workdir)).check(current, abstract_params)
   current.optimizer.telemetry = False
-  assert train.Workdir(str(workdir)).check(current, abstract_params) is None
+  assert workdir_lib.Workdir(str(workdir)).check(current, abstract_params) is None

@@ -1,0 +1,204 @@
+"""Config to optimizer (optimizers.py): the schedule, the optimizer by name with the rest of the
+section as its keyword arguments, and the keys the trainer gives one meaning for every optimizer."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import adafactor_jax
+from adafactor_jax.training import config as config_lib
+from adafactor_jax.training import main, optimizers, train
+from adafactor_jax.training.configs import adamw, big_vision, default, paper, t5_finetune
+from tests.training.test_train import PROG, assert_refused
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+  assert optimizers.learning_rate_schedule(paper.get_config().optimizer, 100) is None  # rho_t
+  opt = default.get_config().optimizer
+  opt.learning_rate = 1e-2
+  for warmup_steps, warmup_fraction, warmup in ((10, 0.0, 10), (0, 0.05, 5), (0, 0.0, 0)):
+    opt.warmup_steps, opt.warmup_fraction = warmup_steps, warmup_fraction
+    schedule = optimizers.learning_rate_schedule(opt, 100)
+    values = np.array([float(schedule(t)) for t in range(101)])
+    if warmup:
+      assert 0 < values[0] < values[warmup // 2] < values[warmup]
+      assert np.all(np.diff(values[: warmup + 1]) > 0)
+    assert values[warmup] == pytest.approx(1e-2)
+    assert np.all(np.diff(values[warmup:]) <= 0)
+    assert values[100] < 0.5 * values[warmup]
+  # The fraction follows num_steps: 5% of 1000 steps is 50.
+  opt.warmup_fraction = 0.05
+  values = [float(optimizers.learning_rate_schedule(opt, 1000)(t)) for t in (49, 50, 51)]
+  assert values[0] < values[1] == pytest.approx(1e-2) and values[2] < values[1]
+  bad = [
+    ({"warmup_steps": 100, "warmup_fraction": 0.0}, "'optimizer.warmup_steps' must be in [0, num"),
+    ({"warmup_steps": 0, "warmup_fraction": 1.0}, "'optimizer.warmup_fraction' must be in [0, 1)"),
+    ({"warmup_steps": 10, "warmup_fraction": 0.05}, "(10) and 'optimizer.warmup_fraction' (0.05)"),
+  ]
+  for changes, message in bad:
+    opt.update(changes)
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+      optimizers.learning_rate_schedule(opt, 100)
+  opt.update({"learning_rate": None, "warmup_steps": 0, "schedule": "constant"})
+  with pytest.raises(config_lib.ConfigError, match="'optimizer.warmup_fraction' need"):
+    optimizers.learning_rate_schedule(opt, 100)
+
+
+def test_every_shipped_config_resolves_and_builds_its_optimizer():
+  configs = {
+    "default": default.get_config(),
+    "adamw": adamw.get_config(),
+    "big_vision": big_vision.get_config(),
+    "t5_finetune": t5_finetune.get_config(),
+    **{f"paper:{row}": paper.get_config(row) for row in paper.ROWS},
+  }
+  names = set()
+  for config in configs.values():
+    resolved = config_lib.resolve_config(config)
+    optimizers.create_optimizer(resolved.optimizer, resolved.num_steps)
+    names.add(resolved.optimizer.name)
+  assert names == {"adafactor", "adamw", "big_vision", "t5x"}
+  assert paper.get_config("no_clipping").optimizer.clipping_threshold is None
+
+
+@pytest.mark.parametrize(
+  ("name", "learning_rate", "step_size"),
+  [
+    ("adafactor", None, 1e-2),  # the relative step rho_1 = min(1e-2, 1)
+    ("adafactor", 3e-3, 3e-3),
+    ("t5x", 3e-3, 3e-3),
+    ("big_vision", 3e-3, 3e-3),
+    ("adamw", 3e-3, 3e-3),
+  ],
+)
+def test_weight_decay_means_adamws_for_every_optimizer(name, learning_rate, step_size):
+  """optimizer.weight_decay = 0.1: with a zero gradient every optimizer's first step is
+  X <- X (1 - lr * 0.1), as optax.adamw's (the library's weight_decay_rate would be 1 - 0.1)."""
+  config = default.get_config()  # the optimizer's arguments at their defaults (momentum 0.9
+  changes = {  # for big_vision, whose momentum is not optional)
+    "name": name,
+    "learning_rate": learning_rate,
+    "weight_decay": 0.1,
+    "telemetry": name != "adamw",
+    "schedule": "constant",  # the first step at the full learning rate
+    "warmup_fraction": 0.0,
+  }
+  for key, value in changes.items():
+    config_lib.set_config_value(config, f"optimizer.{key}", value)
+  config = config_lib.resolve_config(config)
+  tx = optimizers.create_optimizer(config.optimizer, config.num_steps)
+  params = {"w": jax.numpy.full((256, 128), 2.0), "b": jax.numpy.full((128,), -1.0)}
+  grads = jax.tree.map(jax.numpy.zeros_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for key, x in params.items():
+    np.testing.assert_allclose(updates[key], -step_size * 0.1 * x, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adamw", "t5x"])
+def test_stochastic_rounding_key_rounds_bfloat16_params_for_any_optimizer(name):
+  config = default.get_config()
+  config_lib.set_config_value(config, "optimizer.name", name)
+  config_lib.set_config_value(config, "optimizer.learning_rate", 1e-3)
+  config_lib.set_config_value(config, "optimizer.telemetry", name != "adamw")
+  config = config_lib.resolve_config(config)
+  params = {"w": jax.numpy.ones((4, 4), jax.numpy.bfloat16)}
+  grads = {"w": jax.numpy.full((4, 4), 1e-3, jax.numpy.bfloat16)}
+  kinds = {}
+  for rounding in (False, True):
+    config_lib.set_config_value(config, "optimizer.stochastic_rounding", rounding)
+    tx = optimizers.create_optimizer(config.optimizer, config.num_steps)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    kinds[rounding] = updates["w"].dtype
+  # Stochastic rounding's updates are float32 (see adafactor_jax.stochastic_rounding).
+  assert kinds == {False: jax.numpy.bfloat16, True: jax.numpy.float32}
+
+
+# --------------------------------------------------------------------------- the optimizer by name
+
+
+@pytest.mark.parametrize("name", list(config_lib.OPTIMIZERS))
+def test_the_arguments_a_config_leaves_out_are_the_functions_defaults(name):
+  """The trainer restates no default: config.json records each argument at the signature's."""
+  config = default.get_config()
+  config.optimizer.name = name
+  config.optimizer.telemetry = name not in optimizers.WITHOUT_TELEMETRY
+  opt = config_lib.resolve_config(config).optimizer
+  function = config_lib.OPTIMIZERS[name]
+  arguments = {k: v for k, v in opt.items() if k not in config_lib.TRAINER_KEYS}
+  for key, arg in inspect.signature(function).parameters.items():
+    if key in config_lib.SUPPLIED:
+      assert key not in arguments
+    elif "dtype" in key and arg.default is not None:
+      assert arguments.pop(key) == jnp.dtype(arg.default).name
+    else:
+      assert arguments.pop(key) == arg.default, key
+  assert arguments == {}
+  optimizers.create_optimizer(opt, 100)
+
+
+def test_a_preset_runs_with_its_own_defaults():
+  """configs/big_vision.py names the preset and its learning rate; the preset's momentum,
+  bfloat16 momentum, beta2 cap and factoring from 32 are the preset's, not restated."""
+  opt = config_lib.resolve_config(big_vision.get_config()).optimizer
+  assert (opt.momentum, opt.momentum_dtype, opt.beta2_cap, opt.min_dim_size_to_factor) == (
+    0.9,
+    "bfloat16",
+    0.999,
+    32,
+  )
+  params = {"w": jnp.ones((64, 48)), "b": jnp.ones((48,))}
+  tx = optimizers.create_optimizer(opt, 100)
+  schedule = optimizers.learning_rate_schedule(opt, 100)
+  preset = adafactor_jax.presets.big_vision(schedule, telemetry=True)
+  state, expected = tx.init(params), preset.init(params)
+  assert jax.tree.structure(state) == jax.tree.structure(expected)
+  assert jax.tree.map(lambda x: x.dtype, state) == jax.tree.map(lambda x: x.dtype, expected)
+
+
+@pytest.mark.parametrize(
+  ("config_spec", "flag", "name", "other"),
+  [
+    ("default", "--config.optimizer.b1=0.8", "adafactor", "'adamw'"),
+    ("big_vision", "--config.optimizer.epsilon2=0.1", "big_vision", "'adafactor'"),
+    ("adamw", "--config.optimizer.momentum=0.9", "adamw", "'adafactor'"),
+  ],
+)
+def test_a_key_the_chosen_optimizer_does_not_take_is_refused_in_one_line(
+  config_spec, flag, name, other, tmp_path, capsys
+):
+  key = flag.removeprefix("--config.").partition("=")[0]
+  rc = main.main([PROG, "--config", config_spec, flag, f"--workdir={tmp_path / 'run'}"])
+  err = assert_refused(capsys, rc, [f"'{key}'", f"optimizer {name!r}", other])
+  assert err.count("\n") == 1
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_key_is_refused_for_the_optimizer_the_flags_name(tmp_path, capsys):
+  """--config.optimizer.name=big_vision after the default's: epsilon2 is Adafactor's alone."""
+  flags = ["--config.optimizer.name=big_vision", "--config.optimizer.epsilon2=0.1"]
+  assert main.main([PROG, *flags, f"--workdir={tmp_path / 'run'}"]) == 2
+  assert "'optimizer.epsilon2': optimizer 'big_vision'" in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()
+  config = default.get_config()
+  config.optimizer.name = "big_vision"
+  config.optimizer.epsilon2 = 0.1
+  with pytest.raises(config_lib.ConfigError, match=r"'optimizer.epsilon2'.*'big_vision'"):
+    config_lib.resolve_config(config)
+  with pytest.raises(config_lib.ConfigError, match=r"'optimizer.epsilon2'.*'big_vision'"):
+    optimizers.create_optimizer(config.optimizer, 100)
+
+
+def test_an_argument_override_is_parsed_by_the_signatures_type(tmp_path, monkeypatch):
+  started = []
+  monkeypatch.setattr(train, "train_and_evaluate", lambda *args: started.append(args))
+  flags = ["--config.optimizer.momentum=0.9", "--config.optimizer.decay_offset=3"]
+  assert main.main([PROG, *flags, f"--workdir={tmp_path}"]) == 0
+  ((config, _, _),) = started
+  assert config.optimizer.momentum == 0.9 and config.optimizer.decay_offset == 3
+  assert config_lib.resolve_config(config).optimizer.epsilon2 == 1e-3  # the signature's
