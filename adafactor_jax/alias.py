@@ -6,124 +6,13 @@ from typing import Any
 
 import optax
 
-from adafactor_jax import _checks, _telemetry
+from adafactor_jax import _checks
 from adafactor_jax.factored import FactorDimsFn, FactorRules, scale_by_factored_rms
 from adafactor_jax.momentum import FLOAT32, ema_momentum, momentum_dtype_or_error
 from adafactor_jax.nonfinite import skip_nonfinite as skip_nonfinite_steps
 from adafactor_jax.rounding import stochastic_rounding as stochastic_rounding_step
-from adafactor_jax.scaling import scale_by_parameter_scale
+from adafactor_jax.scaling import scale_by_learning_rate, scale_by_parameter_scale
 from adafactor_jax.schedules import relative_step_size
-
-
-def adafactor_chain(
-  *,
-  learning_rate: optax.ScalarOrSchedule | None,
-  decay_rate: float,
-  decay_offset: int,
-  beta2_cap: float | None,
-  clipping_threshold: float | None,
-  multiply_by_parameter_scale: bool,
-  epsilon1: float,
-  epsilon2: float,
-  warmup_init: bool,
-  momentum: float | None,
-  momentum_dtype: Any,
-  weight_decay_rate: optax.ScalarOrSchedule | None,
-  weight_decay_mask: Any,
-  factored: bool,
-  min_dim_size_to_factor: int | None,
-  skip_nonfinite: bool,
-  factor_dims: FactorDimsFn | FactorRules | None = None,
-  stochastic_rounding: bool = False,
-  rounding_seed: int = 0,
-  relative_max_step_size: float = 1e-2,
-  weight_decay_scaled_by_step: bool = False,
-  maximize: bool = False,
-  telemetry: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-  """:func:`adafactor`, with the extra knobs the presets need.
-
-  ``weight_decay_scaled_by_step`` adds the weight decay right after clipping,
-  so that the step size and parameter scale multiply it (HF transformers).
-  ``maximize`` ascends: the step size takes the other sign, so the step is
-  that of the negated gradient (U is odd in G, V̂ even) while weight decay
-  still shrinks the parameters (torch's ``maximize``); a scalar sign, no
-  extra pass over the update.
-  """
-  _checks.check_scalar(
-    "learning_rate",
-    learning_rate,
-    low=0.0,
-    low_open=True,
-    allow_none=True,
-    allow_schedule=True,
-    hint="Pass None for the paper's relative step size.",
-  )
-  _checks.check_bool("warmup_init", warmup_init)
-  if warmup_init and learning_rate is not None:
-    raise ValueError(
-      "warmup_init=True is the warmup of the relative step size and needs "
-      f"learning_rate=None, got learning_rate={learning_rate!r}. For an "
-      "absolute step with warmup, pass an optax schedule as learning_rate."
-    )
-  _checks.check_bool("multiply_by_parameter_scale", multiply_by_parameter_scale)
-  # Checked even without momentum; momentum itself is checked by ema_momentum.
-  momentum_dtype = momentum_dtype_or_error(momentum_dtype)
-  _checks.check_scalar(
-    "weight_decay_rate",
-    weight_decay_rate,
-    low=0.0,
-    allow_none=True,
-    allow_schedule=True,
-  )
-  if weight_decay_rate is None and weight_decay_mask is not None:
-    raise ValueError(
-      "weight_decay_mask is set but weight_decay_rate is None: pass weight_decay_rate too, "
-      "or drop the mask."
-    )
-  _checks.check_bool("skip_nonfinite", skip_nonfinite)
-  _checks.check_scalar("epsilon2", epsilon2, low=0.0)
-  _checks.check_bool("stochastic_rounding", stochastic_rounding)
-  _checks.check_scalar("rounding_seed", rounding_seed, integer=True)
-  _checks.check_bool("maximize", maximize)
-  _checks.check_bool("telemetry", telemetry)
-
-  chain = [
-    scale_by_factored_rms(
-      decay_rate=decay_rate,
-      decay_offset=decay_offset,
-      beta2_cap=beta2_cap,
-      epsilon1=epsilon1,
-      factored=factored,
-      min_dim_size_to_factor=min_dim_size_to_factor,
-      factor_dims=factor_dims,
-      clipping_threshold=clipping_threshold,
-      telemetry=telemetry,
-    )
-  ]
-  weight_decay_step = (
-    None
-    if weight_decay_rate is None
-    else optax.add_decayed_weights(weight_decay_rate, weight_decay_mask)
-  )
-  if weight_decay_step is not None and weight_decay_scaled_by_step:
-    chain.append(weight_decay_step)
-  if learning_rate is None:
-    learning_rate = relative_step_size(warmup_init, max_step_size=relative_max_step_size)
-  chain.append(
-    _telemetry.scale_by_learning_rate(learning_rate, flip_sign=maximize, telemetry=telemetry)
-  )
-  if multiply_by_parameter_scale:
-    chain.append(scale_by_parameter_scale(epsilon2, factor_dims=factor_dims, telemetry=telemetry))
-  if momentum is not None:
-    chain.append(ema_momentum(momentum, momentum_dtype=momentum_dtype))
-  if weight_decay_step is not None and not weight_decay_scaled_by_step:
-    chain.append(weight_decay_step)
-  chain.append(optax.scale(-1.0))
-  if stochastic_rounding:
-    chain.append(stochastic_rounding_step(rounding_seed))
-  tx = optax.chain(*chain)
-  return skip_nonfinite_steps(tx) if skip_nonfinite else tx
 
 
 def adafactor(
@@ -147,6 +36,8 @@ def adafactor(
   factor_dims: FactorDimsFn | FactorRules | None = None,
   stochastic_rounding: bool = False,
   rounding_seed: int = 0,
+  weight_decay_scaled_by_step: bool = False,
+  maximize: bool = False,
   telemetry: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Adafactor optimizer, with the defaults of the paper's Algorithm 6.
@@ -175,9 +66,13 @@ def adafactor(
      ``weight_decay_mask`` selects; :math:`\lambda` is a *rate*, not multiplied
      by the step size (as ``optax.adafactor``'s and T5X's ``weight_decay_rate``:
      :math:`X (1 - \lambda)`; for AdamW's convention, :math:`X(1 - \eta_t
-     \lambda)`, pass a schedule such as ``lambda t: wd * lr(t)``);
+     \lambda)`, pass a schedule such as ``lambda t: wd * lr(t)``). With
+     ``weight_decay_scaled_by_step`` it is added between steps 2 and 3
+     instead, so that the step size and parameter scale multiply it (and
+     momentum averages it): :math:`X(1 - \lambda\alpha_t)` (HF transformers);
   7. negated, so that ``optax.apply_updates`` descends:
-     :math:`X_t = X_{t-1} - \alpha_t \hat U_t`;
+     :math:`X_t = X_{t-1} - \alpha_t \hat U_t` (with ``maximize``, the
+     step size of step 3 takes the other sign, so it ascends);
   8. if ``stochastic_rounding``, adjusted so that bfloat16 and float16
      parameters land on :math:`X_t` rounded stochastically rather than to
      nearest (:func:`adafactor_jax.stochastic_rounding`).
@@ -218,22 +113,29 @@ def adafactor(
       at least this (>= 1). None (the default) means 128; it is None rather
       than 128 so that ``optax.inject_hyperparams`` leaves it static and
       ``jax.jit(tx.init)`` works without ``static_args``.
-    factor_dims: overrides the default choice of factored axes per parameter
-      (see :func:`scale_by_factored_rms`), e.g.
-      :func:`adafactor_jax.logical_factor_dims` to choose them by Flax logical
-      axis names. Batch axes it declares (scanned layers) get statistics,
-      clipping and parameter scale per slice.
     skip_nonfinite: if True, a step whose gradients hold a NaN or an Inf leaves
       the parameters and the whole state bit-identical and counts the step in
       ``state.skipped_steps`` (:func:`adafactor_jax.skip_nonfinite`). If False
       (the default), non-finite gradients propagate into the parameters and
       statistics as they would in optax.
+    factor_dims: overrides the default choice of factored axes per parameter
+      (see :func:`scale_by_factored_rms`), e.g.
+      :func:`adafactor_jax.logical_factor_dims` to choose them by Flax logical
+      axis names. Batch axes it declares (scanned layers) get statistics,
+      clipping and parameter scale per slice.
     stochastic_rounding: round bfloat16 and float16 parameters stochastically
       (unbiased) when the update is applied, instead of to nearest, which
       drops updates under half a unit in the last place. Float32 parameters
       are unaffected. Adds a PRNG key to the state.
     rounding_seed: the integer seed of that key; the rounding is a pure
       function of the seed and the step.
+    weight_decay_scaled_by_step: if True, weight decay is added before the
+      step size and parameter scale, which then multiply it (step 6; HF
+      transformers' convention), instead of after them.
+    maximize: if True, ascend: the step is that of the negated gradient
+      (:math:`U` is odd in :math:`G`, :math:`\hat V` even) while weight decay
+      still shrinks the parameters (torch's ``maximize``). A sign on the step
+      size: no extra pass over the update.
     telemetry: if True, the state also records, each step, :math:`\hat\beta_{2t}`,
       the step size, and per parameter (per slice along batch axes)
       :math:`\mathrm{RMS}(U_t)` before clipping, the clipping denominator
@@ -249,25 +151,76 @@ def adafactor(
     Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory
     Cost <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
-  return adafactor_chain(
-    learning_rate=learning_rate,
-    decay_rate=decay_rate,
-    decay_offset=decay_offset,
-    beta2_cap=beta2_cap,
-    clipping_threshold=clipping_threshold,
-    multiply_by_parameter_scale=multiply_by_parameter_scale,
-    epsilon1=epsilon1,
-    epsilon2=epsilon2,
-    warmup_init=warmup_init,
-    momentum=momentum,
-    momentum_dtype=momentum_dtype,
-    weight_decay_rate=weight_decay_rate,
-    weight_decay_mask=weight_decay_mask,
-    factored=factored,
-    min_dim_size_to_factor=min_dim_size_to_factor,
-    skip_nonfinite=skip_nonfinite,
-    factor_dims=factor_dims,
-    stochastic_rounding=stochastic_rounding,
-    rounding_seed=rounding_seed,
-    telemetry=telemetry,
+  _checks.check_scalar(
+    "learning_rate",
+    learning_rate,
+    low=0.0,
+    low_open=True,
+    allow_none=True,
+    allow_schedule=True,
+    hint="Pass None for the paper's relative step size.",
   )
+  _checks.check_bool("warmup_init", warmup_init)
+  if warmup_init and learning_rate is not None:
+    raise ValueError(
+      "warmup_init=True is the warmup of the relative step size and needs "
+      f"learning_rate=None, got learning_rate={learning_rate!r}. For an "
+      "absolute step with warmup, pass an optax schedule as learning_rate."
+    )
+  _checks.check_bool("multiply_by_parameter_scale", multiply_by_parameter_scale)
+  # Checked even without momentum; momentum itself is checked by ema_momentum.
+  momentum_dtype = momentum_dtype_or_error(momentum_dtype)
+  _checks.check_scalar(
+    "weight_decay_rate",
+    weight_decay_rate,
+    low=0.0,
+    allow_none=True,
+    allow_schedule=True,
+  )
+  if weight_decay_rate is None and weight_decay_mask is not None:
+    raise ValueError(
+      "weight_decay_mask is set but weight_decay_rate is None: pass weight_decay_rate too, "
+      "or drop the mask."
+    )
+  _checks.check_bool("skip_nonfinite", skip_nonfinite)
+  _checks.check_scalar("epsilon2", epsilon2, low=0.0)
+  _checks.check_bool("stochastic_rounding", stochastic_rounding)
+  _checks.check_scalar("rounding_seed", rounding_seed, integer=True)
+  _checks.check_bool("weight_decay_scaled_by_step", weight_decay_scaled_by_step)
+  _checks.check_bool("maximize", maximize)
+  _checks.check_bool("telemetry", telemetry)
+
+  chain = [
+    scale_by_factored_rms(
+      decay_rate=decay_rate,
+      decay_offset=decay_offset,
+      beta2_cap=beta2_cap,
+      epsilon1=epsilon1,
+      factored=factored,
+      min_dim_size_to_factor=min_dim_size_to_factor,
+      factor_dims=factor_dims,
+      clipping_threshold=clipping_threshold,
+      telemetry=telemetry,
+    )
+  ]
+  weight_decay_step = (
+    None
+    if weight_decay_rate is None
+    else optax.add_decayed_weights(weight_decay_rate, weight_decay_mask)
+  )
+  if weight_decay_step is not None and weight_decay_scaled_by_step:
+    chain.append(weight_decay_step)
+  if learning_rate is None:
+    learning_rate = relative_step_size(warmup_init)
+  chain.append(scale_by_learning_rate(learning_rate, flip_sign=maximize, telemetry=telemetry))
+  if multiply_by_parameter_scale:
+    chain.append(scale_by_parameter_scale(epsilon2, factor_dims=factor_dims, telemetry=telemetry))
+  if momentum is not None:
+    chain.append(ema_momentum(momentum, momentum_dtype=momentum_dtype))
+  if weight_decay_step is not None and not weight_decay_scaled_by_step:
+    chain.append(weight_decay_step)
+  chain.append(optax.scale(-1.0))
+  if stochastic_rounding:
+    chain.append(stochastic_rounding_step(rounding_seed))
+  tx = optax.chain(*chain)
+  return skip_nonfinite_steps(tx) if skip_nonfinite else tx
