@@ -15,6 +15,19 @@ import optax
 
 from adafactor_jax._checks import path_name
 
+# The configurations in which adafactor and optax.adafactor coincide
+# (tests/test_alias.py), with argument names both take.
+OPTAX_CASES = {
+  "defaults": {},
+  "no clipping": {"clipping_threshold": None},
+  "no parameter scale": {"multiply_by_parameter_scale": False},
+  "momentum": {"momentum": 0.9},
+  "weight decay": {"weight_decay_rate": 1e-3},
+  "not factored": {"factored": False},
+  "min dim 16": {"min_dim_size_to_factor": 16},
+  "decay_rate 0.6": {"decay_rate": 0.6},
+}
+
 
 def make_params(seed: int = 0) -> dict[str, np.ndarray]:
   """1-D to 4-D float32 parameters; some factored by default, some not."""

@@ -13,6 +13,7 @@ import pytest
 
 import adafactor_jax
 from tests.conftest import (
+  OPTAX_CASES,
   make_grads,
   make_params,
   relative_error,
@@ -111,16 +112,6 @@ def test_report_largest_reference_error():
       assert errors[worst] < tolerance
 
 
-OPTAX_CASES = {
-  "defaults": {},
-  "no clipping": {"clipping_threshold": None},
-  "no parameter scale": {"multiply_by_parameter_scale": False},
-  "momentum": {"momentum": 0.9},
-  "weight decay": {"weight_decay_rate": 1e-3},
-  "not factored": {"factored": False},
-  "min dim 16": {"min_dim_size_to_factor": 16},
-  "decay_rate 0.6": {"decay_rate": 0.6},
-}
 _OPTAX_NAMES = {"momentum_dtype": "dtype_momentum"}
 
 
