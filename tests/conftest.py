@@ -122,6 +122,15 @@ def assert_bit_identical(actual, expected, what: str = "") -> None:
     assert np.array_equal(bits(x), bits(y)), (what, i, x, y)
 
 
+def assert_tree_allclose(actual, expected, **kwargs) -> None:
+  """Same tree structure, and leaf by leaf np.testing.assert_allclose in float64."""
+  leaves_a, tree_a = jax.tree.flatten(actual)
+  leaves_e, tree_e = jax.tree.flatten(expected)
+  assert tree_a == tree_e
+  for x, y in zip(leaves_a, leaves_e, strict=True):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), **kwargs)
+
+
 def changed(a, b) -> bool:
   """True when some leaf of a differs in its bits from the matching leaf of b."""
   return any(

@@ -188,3 +188,23 @@ class Reference:
       if wd is not None and not o.weight_decay_scaled_by_step:
         u = u + wd * x
       self.params[name] = x - u
+
+
+def _reduced_axes(x: np.ndarray, batch_axes: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(i for i in range(x.ndim) if i not in batch_axes)
+
+
+def slice_rms(x, batch_axes: tuple[int, ...] = ()) -> np.ndarray:
+  """sqrt(mean(|x|²)) in float64 over every axis but ``batch_axes``, kept as size 1."""
+  x = _wide(x)
+  return np.sqrt(np.mean(_abs2(x), axis=_reduced_axes(x, batch_axes), keepdims=True))
+
+
+def clip_by_rms(u, threshold: float, batch_axes: tuple[int, ...] = ()) -> np.ndarray:
+  """Section 6: U / max(1, RMS(U)/d), per slice along ``batch_axes``, in float64."""
+  return _wide(u) / np.maximum(1.0, slice_rms(u, batch_axes) / threshold)
+
+
+def parameter_scale(x, epsilon2: float, batch_axes: tuple[int, ...] = ()) -> np.ndarray:
+  """Section 8: max(ε2, RMS(X)), per slice along ``batch_axes``, in float64."""
+  return np.maximum(epsilon2, slice_rms(x, batch_axes))
