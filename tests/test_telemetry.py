@@ -107,12 +107,25 @@ def test_off_is_the_step_and_state_without_the_argument():
   assert not any(is_node(x) for x in jax.tree.leaves(state, is_leaf=is_node))
   for tx in (adafactor_jax.clip_by_update_rms(), adafactor_jax.scale_by_parameter_scale()):
     assert tx.init(params) == optax.EmptyState()
+  # The step is that of the chain of optax's and the pieces' own transformations, built
+  # without the argument; telemetry=True, which records figures, is another step.
+  by_hand = optax.chain(
+    adafactor_jax.scale_by_factored_rms(clipping_threshold=1.0),
+    optax.scale_by_learning_rate(adafactor_jax.relative_step_size(), flip_sign=False),
+    adafactor_jax.scale_by_parameter_scale(),
+    optax.scale(-1.0),
+  )
   grads = make_grads(params, 0)
   jaxprs = [
     str(jax.make_jaxpr(tx.update)(grads, tx.init(params), params))
-    for tx in (adafactor_jax.adafactor(), adafactor_jax.adafactor(telemetry=False))
+    for tx in (
+      adafactor_jax.adafactor(telemetry=False),
+      by_hand,
+      adafactor_jax.adafactor(telemetry=True),
+    )
   ]
   assert jaxprs[0] == jaxprs[1]
+  assert jaxprs[0] != jaxprs[2]
   with pytest.raises(ValueError, match="opt_state records no telemetry"):
     adafactor_jax.telemetry(state)
 
