@@ -380,6 +380,16 @@ def test_good_factor_dims_accepted():
   # (row, col) = (1, 0): v_row averages over the column axis 0, v_col over axis 1.
   assert state.v_row["dense"]["kernel"].shape == (1, 3)
   assert state.v_col["dense"]["kernel"].shape == (4, 1)
+  # update takes the choice from the state: the kernel's step is the factored one (for a
+  # matrix the same whichever axis is the row), the others' the full second moment's.
+  grads = jax.tree.map(lambda x: 2.0 * x + 0.5, _tree())
+  updates, new_state = jax.jit(tx.update)(grads, state)
+  assert jax.tree.map(jnp.shape, new_state) == jax.tree.map(jnp.shape, state)
+  assert len(seen) == 3  # init chose; update did not ask again
+  factored = adafactor_jax.scale_by_factored_rms(min_dim_size_to_factor=1)
+  expected, _ = factored.update(grads, factored.init(_tree()))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), updates, expected)
+  np.testing.assert_allclose(updates["dense"]["bias"], np.sign(grads["dense"]["bias"]), rtol=1e-6)
 
 
 @pytest.mark.parametrize("value", [0, 0.0, -1.0, NAN, INF, None, True, "1"])

@@ -123,6 +123,12 @@ def test_nnx_metadata_gives_the_names_with_or_without_get_partition_spec():
   assert state.v_row["blocks"][0]["mlp_in"]["kernel"][...].shape == (128, 1)
   assert state.v_row["blocks"][0]["mlp_out"]["kernel"][...].shape == (1, 128)
   assert from_specs("blocks/0/mlp_out/kernel/value", (256, 128)) == FactorAxes((1,), (0,))
+  # Both choices give the same step, and the step keeps the state's shapes.
+  grads = jax.tree.map(lambda x: 0.1 * jnp.cos(x), params)
+  step_a, state_a = jax.jit(tx_a.update)(grads, tx_a.init(params), params)
+  step_b, _ = jax.jit(tx_b.update)(grads, tx_b.init(params), params)
+  jax.tree.map(np.testing.assert_array_equal, step_a, step_b)
+  assert jax.tree.map(jnp.shape, state_a) == shapes_a
 
 
 def test_linen_partitioned_boxes_give_the_names():
@@ -136,8 +142,17 @@ def test_linen_partitioned_boxes_give_the_names():
   for axes in (boxed, nn.get_partition_spec(boxed)):
     choose = logical_factor_dims(axes)
     assert choose("Dense_0/kernel", (256, 512)) == FactorAxes((0,), (1,))
-  state = adafactor_jax.adafactor(factor_dims=logical_factor_dims(boxed)).init(nn.unbox(boxed))
+  params = nn.unbox(boxed)
+  tx = adafactor_jax.adafactor(factor_dims=logical_factor_dims(boxed))
+  state = tx.init(params)
   assert state[0].v_row["Dense_0"]["kernel"].shape == (256, 1)
+  # The step is that of the same choice made by position, and keeps the state's shapes.
+  grads = jax.tree.map(lambda x: 0.1 * jnp.cos(x), params)
+  updates, new_state = jax.jit(tx.update)(grads, state, params)
+  by_position = adafactor_jax.adafactor(factor_dims=lambda path, shape: (0, 1))
+  expected, _ = jax.jit(by_position.update)(grads, by_position.init(params), params)
+  jax.tree.map(np.testing.assert_array_equal, updates, expected)
+  assert jax.tree.map(jnp.shape, new_state) == jax.tree.map(jnp.shape, state)
 
 
 # --------------------------------------------------------------------------- numerics

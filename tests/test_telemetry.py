@@ -172,6 +172,17 @@ def test_state_grows_by_one_scalar_per_figure_and_slice():
   # Before the first step: zeros, and denominators of 1 (nothing clipped).
   for name, value in figures.items():
     assert float(value) == (1.0 if name.endswith("clipping_denominator") else 0.0), name
+  # A step writes every figure in place: the bytes stay, the figures are the step's.
+  grads = make_grads(params, 0)
+  _, state_on = jax.jit(on.update)(grads, state_on, params)
+  _, state_off = jax.jit(off.update)(grads, state_off, params)
+  assert nbytes(state_on) - nbytes(state_off) == 4 * (3 * slices + 2)
+  after = adafactor_jax.telemetry(state_on)
+  assert after.keys() == figures.keys()
+  assert all(
+    float(after[k]) > 0 for k in figures if k.endswith(("rms_update_before_clipping", "rms_step"))
+  )
+  assert float(after["beta2"]) == 0.0 and float(after["step_size"]) == pytest.approx(1e-2)
 
 
 def test_names_per_slice_and_per_path():
