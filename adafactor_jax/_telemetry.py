@@ -252,8 +252,9 @@ def telemetry(opt_state: optax.OptState) -> dict[str, jax.Array]:
 
   Works on the state of :func:`adafactor_jax.adafactor` (or a preset) with
   ``telemetry=True``, and of any chain of :func:`scale_by_factored_rms`,
-  :func:`clip_by_update_rms` and :func:`scale_by_parameter_scale` built with
-  ``telemetry=True``, found by type anywhere in the state: inside
+  :func:`clip_by_update_rms`, :func:`scale_by_learning_rate` and
+  :func:`scale_by_parameter_scale` built with ``telemetry=True``, found by
+  type anywhere in the state: inside
   ``optax.chain``, ``optax.MultiSteps``, ``optax.inject_hyperparams``,
   ``optax.masked``, ``optax.multi_transform`` and :func:`skip_nonfinite`, also
   as ``flax.nnx.Optimizer`` holds it (``adafactor_jax.telemetry(optimizer.opt_state)``).
@@ -273,9 +274,10 @@ def telemetry(opt_state: optax.OptState) -> dict[str, jax.Array]:
     (by :func:`scale_by_parameter_scale`);
   - ``rms_step``: :math:`\mathrm{RMS}(\hat U_t)\,\eta_t\,\max(\epsilon_2,
     \mathrm{RMS}(X_{t-1}))`, the RMS of the step after clipping, step size and
-    parameter scale, where the state records the step size (``adafactor`` and
-    the presets). Without momentum and weight decay this is the RMS of the step
-    the parameter takes. With momentum it is that of the newest term of the
+    parameter scale, where the state records the step size (``adafactor``, the
+    presets, and :func:`scale_by_learning_rate` with ``telemetry=True``).
+    Without momentum and weight decay this is the RMS of the step the
+    parameter takes. With momentum it is that of the newest term of the
     average (the step, an average of such terms, has an RMS at most their
     largest); weight decay is not in it.
 

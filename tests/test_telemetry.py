@@ -314,18 +314,25 @@ def test_inject_hyperparams_records_the_injected_step_size_under_jit():
 def test_a_chain_of_the_pieces_masked_and_multi_transform():
   params = make_params()
   grads = [make_grads(params, t) for t in range(2)]
-  pieces = optax.chain(
+  parts = [
     adafactor_jax.scale_by_factored_rms(telemetry=True),
     adafactor_jax.clip_by_update_rms(telemetry=True),
     optax.scale_by_learning_rate(1e-2),
     adafactor_jax.scale_by_parameter_scale(telemetry=True),
-  )
-  _, state, _ = _run(pieces, params, grads)
+  ]
+  _, state, _ = _run(optax.chain(*parts), params, grads)
   figures = adafactor_jax.telemetry(state)
   _, fused, _ = _run(adafactor_jax.adafactor(1e-2, telemetry=True), params, grads)
   expected = adafactor_jax.telemetry(fused)
   # optax's step size records nothing, so neither it nor rms_step is there.
   assert figures.keys() == {k for k in expected if not k.endswith(("step_size", "rms_step"))}
+  for key in figures:
+    np.testing.assert_allclose(figures[key], expected[key], rtol=1e-5, err_msg=key)
+  # adafactor_jax.scale_by_learning_rate records it: then every figure is there.
+  parts[2] = adafactor_jax.scale_by_learning_rate(1e-2, telemetry=True)
+  _, state, _ = _run(optax.chain(*parts), params, grads)
+  figures = adafactor_jax.telemetry(state)
+  assert figures.keys() == expected.keys()
   for key in figures:
     np.testing.assert_allclose(figures[key], expected[key], rtol=1e-5, err_msg=key)
 
