@@ -88,61 +88,69 @@ def adafactor(
   Args:
     learning_rate: None for the relative step size :math:`\rho_t`, or an
       absolute step size > 0 (float or optax schedule), still multiplied by the
-      parameter scale when that is on.
-    decay_rate: :math:`c > 0` in :math:`\hat\beta_{2t} = 1 - t^{-c}` (0.8).
-      HF/torch write ``-0.8`` for this.
+      parameter scale when that is on. Defaults to ``None``.
+    decay_rate: :math:`c > 0` in :math:`\hat\beta_{2t} = 1 - t^{-c}`.
+      HF/torch write ``-0.8`` for this. Defaults to ``0.8``.
     decay_offset: steps >= 0 after which the decay restarts (fine-tuning).
+      Defaults to ``0``.
     beta2_cap: optional upper bound in (0, 1] on :math:`\hat\beta_{2t}`.
+      Defaults to ``None``.
     clipping_threshold: :math:`d > 0`, or None for no update clipping.
+      Defaults to ``1.0``.
     multiply_by_parameter_scale: scale steps by :math:`\max(\epsilon_2,
-      \mathrm{RMS}(X))`.
-    epsilon1: :math:`\epsilon_1 > 0` added to :math:`G^2`.
-    epsilon2: :math:`\epsilon_2 \ge 0`, the least parameter scale.
+      \mathrm{RMS}(X))`. Defaults to ``True``.
+    epsilon1: :math:`\epsilon_1 > 0` added to :math:`G^2`. Defaults to ``1e-30``.
+    epsilon2: :math:`\epsilon_2 \ge 0`, the least parameter scale. Defaults to
+      ``1e-3``.
     warmup_init: use :math:`\min(10^{-6}t, 1/\sqrt t)`; only with
-      ``learning_rate=None``.
+      ``learning_rate=None``. Defaults to ``False``.
     momentum: :math:`\beta_1 \in [0, 1)`, or None for no first moment (and no
-      memory for it).
-    momentum_dtype: dtype of the momentum buffer (float32; bfloat16 halves it; int8
+      memory for it). Defaults to ``None``.
+    momentum_dtype: dtype of the momentum buffer (bfloat16 halves it; int8
       quarters it, plus a float32 scale per 32 elements: see :func:`ema_momentum`).
+      Defaults to ``float32``.
     weight_decay_rate: decoupled weight decay rate >= 0 (float or schedule), or
-      None; not multiplied by the step size (step 6).
+      None; not multiplied by the step size (step 6). Defaults to ``None``.
     weight_decay_mask: a tree of bools (or a callable of the params giving
       one) selecting the parameters to decay, as ``optax.add_decayed_weights``.
-    factored: factor the second moment of parameters of rank >= 2.
+      Defaults to ``None``, all of them.
+    factored: factor the second moment of parameters of rank >= 2. Defaults to
+      ``True``.
     min_dim_size_to_factor: factor only when the second largest dimension is
-      at least this (>= 1). None (the default) means 128; it is None rather
-      than 128 so that ``optax.inject_hyperparams`` leaves it static and
-      ``jax.jit(tx.init)`` works without ``static_args``.
+      at least this (>= 1). None means 128; it is None rather than 128 so that
+      ``optax.inject_hyperparams`` leaves it static and ``jax.jit(tx.init)``
+      works without ``static_args``. Defaults to ``None``.
     skip_nonfinite: if True, a step whose gradients hold a NaN or an Inf leaves
       the parameters and the whole state bit-identical and counts the step in
-      ``state.skipped_steps`` (:func:`adafactor_jax.skip_nonfinite`). If False
-      (the default), non-finite gradients propagate into the parameters and
-      statistics as they would in optax.
+      ``state.skipped_steps`` (:func:`adafactor_jax.skip_nonfinite`). If False,
+      non-finite gradients propagate into the parameters and statistics as they
+      would in optax. Defaults to ``False``.
     factor_dims: overrides the default choice of factored axes per parameter
       (see :func:`scale_by_factored_rms`), e.g.
       :func:`adafactor_jax.logical_factor_dims` to choose them by Flax logical
       axis names. Batch axes it declares (scanned layers) get statistics,
-      clipping and parameter scale per slice.
+      clipping and parameter scale per slice. Defaults to ``None``, the two
+      largest dimensions.
     stochastic_rounding: round bfloat16 and float16 parameters stochastically
       (unbiased) when the update is applied, instead of to nearest, which
       drops updates under half a unit in the last place. Float32 parameters
-      are unaffected. Adds a PRNG key to the state.
+      are unaffected. Adds a PRNG key to the state. Defaults to ``False``.
     rounding_seed: the integer seed of that key; the rounding is a pure
-      function of the seed and the step.
+      function of the seed and the step. Defaults to ``0``.
     weight_decay_scaled_by_step: if True, weight decay is added before the
       step size and parameter scale, which then multiply it (step 6; HF
-      transformers' convention), instead of after them.
+      transformers' convention), instead of after them. Defaults to ``False``.
     maximize: if True, ascend: the step is that of the negated gradient
       (:math:`U` is odd in :math:`G`, :math:`\hat V` even) while weight decay
       still shrinks the parameters (torch's ``maximize``). A sign on the step
-      size: no extra pass over the update.
+      size: no extra pass over the update. Defaults to ``False``.
     telemetry: if True, the state also records, each step, :math:`\hat\beta_{2t}`,
       the step size, and per parameter (per slice along batch axes)
       :math:`\mathrm{RMS}(U_t)` before clipping, the clipping denominator
       :math:`\max(1, \mathrm{RMS}(U_t)/d)` and the parameter scale: scalars
       the step computes anyway, so it costs no extra pass over the parameters.
-      Read them with :func:`adafactor_jax.telemetry`. If False (the default),
-      the state and the step are exactly those without this argument.
+      Read them with :func:`adafactor_jax.telemetry`. If False, the state and
+      the step are exactly those without this argument. Defaults to ``False``.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.

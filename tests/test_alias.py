@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 
@@ -178,7 +179,13 @@ def test_signature_is_exactly_the_documented_one():
   assert all(p.annotation is not inspect.Parameter.empty for p in signature.parameters.values())
   doc = adafactor_jax.adafactor.__doc__
   args = doc[doc.index("Args:") : doc.index("Returns:")]
-  assert re.findall(r"^    (\w+):", args, re.MULTILINE) == list(expected)
+  paragraphs = dict(re.findall(r"^    (\w+):(.*?)(?=^    \w+:|\Z)", args, re.M | re.S))
+  assert list(paragraphs) == list(expected)
+  # ... each with its default, the signature's.
+  for name, paragraph in paragraphs.items():
+    (text,) = re.findall(r"Defaults to\s+``(.+?)``", paragraph)
+    documented = jnp.dtype(text) if name == "momentum_dtype" else ast.literal_eval(text)
+    assert documented == signature.parameters[name].default, name
 
 
 @pytest.mark.parametrize(
