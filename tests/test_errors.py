@@ -392,6 +392,20 @@ def test_good_factor_dims_accepted():
   np.testing.assert_allclose(updates["dense"]["bias"], np.sign(grads["dense"]["bias"]), rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [
+    ({"learning_rate": "0.1"}, "learning_rate"),
+    ({"learning_rate": NAN}, "learning_rate"),
+    ({"learning_rate": 0.1, "flip_sign": 1}, "flip_sign"),
+    ({"learning_rate": 0.1, "telemetry": None}, "telemetry"),
+  ],
+)
+def test_scale_by_learning_rate_refuses_bad_arguments_by_name(kwargs, name):
+  with _raises(name):
+    adafactor_jax.scale_by_learning_rate(**kwargs)
+
+
 @pytest.mark.parametrize("value", [0, 0.0, -1.0, NAN, INF, None, True, "1"])
 def test_clip_by_update_rms_validation(value):
   with _raises("clipping_threshold"):
