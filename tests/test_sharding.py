@@ -208,20 +208,6 @@ def test_several_column_axes_factor_like_the_joined_matrix():
   assert state.v_row["k"].shape == (160, 1, 1) and state.v_col["k"].shape == (1, 4, 36)
 
 
-def test_standalone_clip_and_scale_work_per_slice():
-  rng = np.random.default_rng(2)
-  x = rng.standard_normal((3, 8, 5)).astype(np.float32) * np.array([1e-4, 1.0, 50.0])[:, None, None]
-  choose = lambda path, shape: FactorAxes(batch=(0,))  # noqa: E731
-  clipped, _ = adafactor_jax.clip_by_update_rms(1.0, factor_dims=choose).update({"x": x}, None)
-  slice_rms = np.sqrt(np.mean(np.square(x.astype(np.float64)), axis=(1, 2), keepdims=True))
-  np.testing.assert_allclose(clipped["x"], x / np.maximum(1.0, slice_rms), rtol=1e-6)
-  scale = adafactor_jax.scale_by_parameter_scale(1e-3, factor_dims=choose)
-  scaled, _ = scale.update({"x": np.ones_like(x)}, None, {"x": x})
-  np.testing.assert_allclose(
-    scaled["x"], np.broadcast_to(np.maximum(1e-3, slice_rms), x.shape), 1e-6
-  )
-
-
 # --------------------------------------------------------------------------- state_shardings
 
 
