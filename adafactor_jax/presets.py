@@ -5,6 +5,11 @@ where noted, closely approximates) what the named system computes, so that a
 run can move here without changing its numerics. Differences that remain are
 listed in each docstring. Each also takes ``telemetry``, as
 :func:`adafactor_jax.adafactor` does (read with :func:`adafactor_jax.telemetry`).
+
+``paper``, ``t5x``, ``hf_transformers`` and ``torch_adafactor`` are
+:func:`adafactor_jax.adafactor` called with only the arguments that differ from
+its defaults (translated from the other system's names); ``big_vision``, whose
+momentum comes before the learning rate, is a chain of the transformations.
 """
 
 from __future__ import annotations
