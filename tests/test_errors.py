@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 
@@ -171,9 +172,19 @@ def test_weight_decay_mask_without_weight_decay(mask):
     adafactor_jax.adafactor(weight_decay_mask=mask)
 
 
-@pytest.mark.parametrize(
-  "name", ["factored", "skip_nonfinite", "multiply_by_parameter_scale", "warmup_init"]
-)
+# Every flag of adafactor, read from its signature, so that a new one is checked too.
+FLAGS = [
+  name
+  for name, parameter in inspect.signature(adafactor_jax.adafactor).parameters.items()
+  if parameter.annotation == "bool"
+]
+
+
+def test_the_flags_are_read_from_the_signature():
+  assert {"factored", "maximize", "weight_decay_scaled_by_step", "telemetry"} <= set(FLAGS)
+
+
+@pytest.mark.parametrize("name", FLAGS)
 @pytest.mark.parametrize("value", [1, 0, "yes", None, 1.0])
 def test_flags_must_be_bool(name, value):
   with _raises(name, "must be True or False"):
