@@ -14,7 +14,7 @@ from adafactor_jax.fused import FusedState, FusedTrainStep, fused_train_step
 from adafactor_jax.momentum import EmaMomentumState, Int8MomentumState, ema_momentum
 from adafactor_jax.nonfinite import SkipNonfiniteState, skip_nonfinite
 from adafactor_jax.rounding import StochasticRoundingState, stochastic_round, stochastic_rounding
-from adafactor_jax.scaling import scale_by_parameter_scale
+from adafactor_jax.scaling import scale_by_learning_rate, scale_by_parameter_scale
 from adafactor_jax.schedules import decay_rate_pow, relative_step_size
 from adafactor_jax.sharding import STANDARD_FACTOR_RULES, logical_factor_dims, state_shardings
 from adafactor_jax.warm_start import warm_start_state
@@ -42,6 +42,7 @@ __all__ = [
   "presets",
   "relative_step_size",
   "scale_by_factored_rms",
+  "scale_by_learning_rate",
   "scale_by_parameter_scale",
   "schedules",
   "skip_nonfinite",

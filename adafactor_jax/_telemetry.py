@@ -109,31 +109,38 @@ def scalar_zeros(*names: str) -> dict[str, jax.Array]:
   return {name: jnp.zeros([], jnp.float32) for name in names}
 
 
-def scale_by_learning_rate(
-  learning_rate: optax.ScalarOrSchedule, *, flip_sign: bool, telemetry: bool
+def with_per_parameter_figures(
+  step: Callable[[optax.Updates, optax.Params | None], tuple[optax.Updates, dict[str, Any]]],
+  names: Sequence[str],
+  slice_axes: Callable[[str, tuple[int, ...]], tuple[int, ...]],
+  *,
+  telemetry: bool,
 ) -> optax.GradientTransformation:
-  """``optax.scale_by_learning_rate``, which with ``telemetry`` records the step size.
+  """A stateless transformation whose ``step(updates, params)`` returns the updates and,
+  per figure name, a tree of each parameter's values per slice; with ``telemetry``,
+  its state is a :class:`TelemetryState` that keeps the figures ``names`` name (an
+  ``optax.EmptyState`` without). ``slice_axes`` is as for :func:`initial_figures`."""
 
-  The updates are optax's own; the step size recorded is ``learning_rate`` (a
-  schedule at the step's count), without the sign ``flip_sign`` gives it.
-  """
-  inner = optax.scale_by_learning_rate(learning_rate, flip_sign=flip_sign)
-  if not telemetry:
-    return inner
-
-  def init_fn(params: optax.Params) -> TelemetryState:
-    return TelemetryState(inner.init(params), scalar_zeros(STEP_SIZE), {})
+  def init_fn(params: optax.Params) -> optax.EmptyState | TelemetryState:
+    if not telemetry:
+      return optax.EmptyState()
+    figures = {name: initial_figures(name, params, slice_axes) for name in names}
+    return TelemetryState(optax.EmptyState(), {}, figures)
 
   def update_fn(
-    updates: optax.Updates, state: TelemetryState, params: optax.Params | None = None
-  ) -> tuple[optax.Updates, TelemetryState]:
-    if callable(learning_rate):
-      step_size = learning_rate(state.inner_state.count)
-    else:
-      step_size = learning_rate
-    updates, inner_state = inner.update(updates, state.inner_state, params)
-    figures = {STEP_SIZE: jnp.asarray(step_size, jnp.float32)}
-    return updates, TelemetryState(inner_state, figures, {})
+    updates: optax.Updates,
+    state: optax.EmptyState | TelemetryState,
+    params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, optax.EmptyState | TelemetryState]:
+    new_updates, figures = step(updates, params)
+    if not telemetry:
+      return new_updates, state
+    assert isinstance(state, TelemetryState)
+    per_parameter = {
+      name: packed(jax.tree.leaves(figures[name]), like)
+      for name, like in state.per_parameter.items()
+    }
+    return new_updates, TelemetryState(optax.EmptyState(), {}, per_parameter)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -245,8 +252,9 @@ def telemetry(opt_state: optax.OptState) -> dict[str, jax.Array]:
 
   Works on the state of :func:`adafactor_jax.adafactor` (or a preset) with
   ``telemetry=True``, and of any chain of :func:`scale_by_factored_rms`,
-  :func:`clip_by_update_rms` and :func:`scale_by_parameter_scale` built with
-  ``telemetry=True``, found by type anywhere in the state: inside
+  :func:`clip_by_update_rms`, :func:`scale_by_learning_rate` and
+  :func:`scale_by_parameter_scale` built with ``telemetry=True``, found by
+  type anywhere in the state: inside
   ``optax.chain``, ``optax.MultiSteps``, ``optax.inject_hyperparams``,
   ``optax.masked``, ``optax.multi_transform`` and :func:`skip_nonfinite`, also
   as ``flax.nnx.Optimizer`` holds it (``adafactor_jax.telemetry(optimizer.opt_state)``).
@@ -266,9 +274,10 @@ def telemetry(opt_state: optax.OptState) -> dict[str, jax.Array]:
     (by :func:`scale_by_parameter_scale`);
   - ``rms_step``: :math:`\mathrm{RMS}(\hat U_t)\,\eta_t\,\max(\epsilon_2,
     \mathrm{RMS}(X_{t-1}))`, the RMS of the step after clipping, step size and
-    parameter scale, where the state records the step size (``adafactor`` and
-    the presets). Without momentum and weight decay this is the RMS of the step
-    the parameter takes. With momentum it is that of the newest term of the
+    parameter scale, where the state records the step size (``adafactor``, the
+    presets, and :func:`scale_by_learning_rate` with ``telemetry=True``).
+    Without momentum and weight decay this is the RMS of the step the
+    parameter takes. With momentum it is that of the newest term of the
     average (the step, an average of such terms, has an RMS at most their
     largest); weight decay is not in it.
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +14,11 @@ from adafactor_jax import _checks, _telemetry
 from adafactor_jax.factored import (
   FactorDimsFn,
   FactorRules,
-  _rules_fn,
-  _slice_axes,
-  _UserChoice,
+  UserChoice,
   abs_square,
+  choice_fn,
   saturate,
+  slice_axes_of,
   widen,
 )
 
@@ -27,12 +29,12 @@ def rms(x: jax.Array, *, axes: Sequence[int] | None = None) -> jax.Array:
   return jnp.sqrt(saturate(mean_square))
 
 
-def per_slice_rms(updates: optax.Updates, *, factor_dims: _UserChoice | None) -> optax.Updates:
+def per_slice_rms(updates: optax.Updates, *, factor_dims: UserChoice | None) -> optax.Updates:
   """The RMS of each leaf of ``updates``, per slice along its batch axes."""
 
   def one(path: jax.tree_util.KeyPath, x: jax.Array) -> jax.Array:
     name = _checks.path_name(path)
-    return rms(x, axes=_slice_axes(factor_dims, name, jnp.shape(x)))
+    return rms(x, axes=slice_axes_of(factor_dims, name, jnp.shape(x)))
 
   return jax.tree_util.tree_map_with_path(one, updates)
 
@@ -74,37 +76,19 @@ def clip_by_update_rms(
   """
   _checks.check_scalar("clipping_threshold", clipping_threshold, low=0.0, low_open=True)
   _checks.check_bool("telemetry", telemetry)
-  user_choice = _rules_fn(factor_dims)
+  user_choice = choice_fn(factor_dims)
 
-  def slice_axes(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return _slice_axes(user_choice, name, shape)
-
-  def init_fn(params: optax.Params) -> optax.EmptyState | _telemetry.TelemetryState:
-    if not telemetry:
-      return optax.EmptyState()
-    per_parameter = {
-      name: _telemetry.initial_figures(name, params, slice_axes)
-      for name in (_telemetry.RMS_UPDATE, _telemetry.CLIPPING_DENOMINATOR)
-    }
-    return _telemetry.TelemetryState(optax.EmptyState(), {}, per_parameter)
-
-  def update_fn(
-    updates: optax.Updates,
-    state: optax.EmptyState | _telemetry.TelemetryState,
-    params: optax.Params | None = None,
-  ) -> tuple[optax.Updates, optax.EmptyState | _telemetry.TelemetryState]:
+  def step(
+    updates: optax.Updates, params: optax.Params | None
+  ) -> tuple[optax.Updates, dict[str, Any]]:
     del params
     update_rms = per_slice_rms(updates, factor_dims=user_choice)
     denominators = jax.tree.map(lambda r: jnp.maximum(1.0, r / clipping_threshold), update_rms)
     clipped = jax.tree.map(lambda u, d: (widen(u) / d).astype(u.dtype), updates, denominators)
-    if not telemetry:
-      return clipped, state
-    assert isinstance(state, _telemetry.TelemetryState)
     figures = {_telemetry.RMS_UPDATE: update_rms, _telemetry.CLIPPING_DENOMINATOR: denominators}
-    per_parameter = {
-      name: _telemetry.packed(jax.tree.leaves(figures[name]), like)
-      for name, like in state.per_parameter.items()
-    }
-    return clipped, _telemetry.TelemetryState(optax.EmptyState(), {}, per_parameter)
+    return clipped, figures
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  names = (_telemetry.RMS_UPDATE, _telemetry.CLIPPING_DENOMINATOR)
+  return _telemetry.with_per_parameter_figures(
+    step, names, functools.partial(slice_axes_of, user_choice), telemetry=telemetry
+  )

@@ -47,7 +47,7 @@ FactorRules = Sequence[tuple[str, FactorDims]]
 
 # The smallest normal float32: the row/mean(row) ratio is clamped to it so that
 # an all-zero row next to huge ones cannot underflow to 0 and give 0 * inf.
-_TINY = float(np.finfo(np.float32).tiny)
+TINY = float(np.finfo(np.float32).tiny)
 
 
 # The ceiling of the statistics: 2^126, the largest power of two whose
@@ -177,11 +177,11 @@ def _normalize_dims(dims: Any, path: str, shape: tuple[int, ...]) -> FactorAxes 
   return FactorAxes(*(tuple(sorted(a % rank for a in part)) for part in (row, col, batch)))
 
 
-_UserChoice = Callable[[str, tuple[int, ...]], Any]
+UserChoice = Callable[[str, tuple[int, ...]], Any]
 """A FactorDimsFn, or rules as one function that answers _DEFAULT where none matches."""
 
 
-def _rules_fn(factor_dims: FactorDimsFn | FactorRules | None) -> _UserChoice | None:
+def choice_fn(factor_dims: FactorDimsFn | FactorRules | None) -> UserChoice | None:
   """The user's choice as one function (path, shape) -> dims or _DEFAULT."""
   if factor_dims is None or callable(factor_dims):
     return factor_dims
@@ -213,8 +213,8 @@ def _rules_fn(factor_dims: FactorDimsFn | FactorRules | None) -> _UserChoice | N
 _DEFAULT = object()  # A rule's answer for "no rule matched: use the default".
 
 
-def _slice_axes(
-  user_choice: _UserChoice | None, name: str, shape: Sequence[int]
+def slice_axes_of(
+  user_choice: UserChoice | None, name: str, shape: Sequence[int]
 ) -> tuple[int, ...]:
   """The axes that clipping and the parameter scale average over, for a param.
 
@@ -240,7 +240,7 @@ class _Statistics:
     return self.arrays[i]
 
 
-def _factored_axes(v_row: jax.Array, v_col: jax.Array) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def factored_axes(v_row: jax.Array, v_col: jax.Array) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """(row axes, column axes) read from the statistics' shapes.
 
   A factored axis of size 1 reads as neither; that is harmless, since
@@ -394,7 +394,7 @@ def _precondition_for_cpu(
     return _Preconditioned(None, None, v, (factor, jnp.ones([], jnp.float32)), msq)
 
   assert v_row is not None and v_col is not None  # factored: both, by construction
-  rows, cols = _factored_axes(v_row, v_col)
+  rows, cols = factored_axes(v_row, v_col)
   g_rows, g_cols = jax.lax.optimization_barrier((grad, grad))
   col_mean = jnp.mean(abs_square(g_cols), rows, keepdims=True)
   v_col = saturate(beta2 * v_col + (1 - beta2) * (col_mean + epsilon1))
@@ -411,7 +411,7 @@ def _precondition_for_cpu(
   v_row = saturate(beta2 * v_row + (1 - beta2) * (row_mean + epsilon1))
   # V̂ = R C / mean(R), taken as two rsqrt factors so that R * C cannot underflow.
   row_ratio = v_row / _mean(v_row, rows)
-  row_factor = jax.lax.rsqrt(jnp.maximum(row_ratio, _TINY))
+  row_factor = jax.lax.rsqrt(jnp.maximum(row_ratio, TINY))
   msq = None
   if mean_square_axes is not None:
     msq = saturate(_mean(jnp.square(row_factor) * weighted_row_mean, mean_square_axes))
@@ -515,7 +515,7 @@ def scale_by_factored_rms(
     hint="Pass None to turn clipping off.",
   )
   _checks.check_bool("telemetry", telemetry)
-  user_choice = _rules_fn(factor_dims)
+  user_choice = choice_fn(factor_dims)
   beta2_schedule = schedules.decay_rate_pow(
     decay_rate, decay_offset=decay_offset, beta2_cap=beta2_cap
   )
@@ -534,7 +534,7 @@ def scale_by_factored_rms(
     figure_names += (_telemetry.CLIPPING_DENOMINATOR,)
 
   def slice_axes(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return _slice_axes(user_choice, name, shape)
+    return slice_axes_of(user_choice, name, shape)
 
   def init_fn(params: optax.Params) -> ScaleByFactoredRmsState | _telemetry.TelemetryState:
     if min_dim_size_to_factor is None:

@@ -5,6 +5,11 @@ where noted, closely approximates) what the named system computes, so that a
 run can move here without changing its numerics. Differences that remain are
 listed in each docstring. Each also takes ``telemetry``, as
 :func:`adafactor_jax.adafactor` does (read with :func:`adafactor_jax.telemetry`).
+
+``paper``, ``t5x``, ``hf_transformers`` and ``torch_adafactor`` are
+:func:`adafactor_jax.adafactor` called with only the arguments that differ from
+its defaults (translated from the other system's names); ``big_vision``, whose
+momentum comes before the learning rate, is a chain of the transformations.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from adafactor_jax import _checks, _telemetry, schedules
-from adafactor_jax.alias import adafactor, adafactor_chain
+from adafactor_jax import _checks, schedules
+from adafactor_jax.alias import adafactor
 from adafactor_jax.factored import scale_by_factored_rms
 from adafactor_jax.momentum import ema_momentum
+from adafactor_jax.scaling import scale_by_learning_rate
 
 
 def _last_two_axes(path: str, shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -67,23 +73,10 @@ def t5x(
   two-largest choice where T5X fails (t5x #243); there is no
   ``max_parameter_scale``.
   """
-  return adafactor_chain(
-    learning_rate=schedules.rsqrt_decay() if learning_rate is None else learning_rate,
-    decay_rate=0.8,
-    decay_offset=0,
-    beta2_cap=None,
-    clipping_threshold=1.0,
-    multiply_by_parameter_scale=True,
-    epsilon1=1e-30,
-    epsilon2=1e-3,
-    warmup_init=False,
+  return adafactor(
+    schedules.rsqrt_decay() if learning_rate is None else learning_rate,
     momentum=momentum,
-    momentum_dtype=jnp.float32,
     weight_decay_rate=weight_decay_rate,
-    weight_decay_mask=None,
-    factored=True,
-    min_dim_size_to_factor=128,
-    skip_nonfinite=False,
     factor_dims=factor_dims,
     telemetry=telemetry,
   )
@@ -132,9 +125,7 @@ def big_vision(
   ]
   if weight_decay is not None:
     chain.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
-  chain.append(
-    _telemetry.scale_by_learning_rate(learning_rate, flip_sign=True, telemetry=telemetry)
-  )
+  chain.append(scale_by_learning_rate(learning_rate, flip_sign=True, telemetry=telemetry))
   return optax.chain(*chain)
 
 
@@ -186,25 +177,19 @@ def hf_transformers(
   if warmup_init and not relative_step:
     raise ValueError("warmup_init=True requires relative_step=True (as in HF).")
   epsilon1, epsilon2 = eps
-  return adafactor_chain(
-    learning_rate=None if relative_step else lr,
+  return adafactor(
+    None if relative_step else lr,
     decay_rate=-decay_rate,
-    decay_offset=0,
-    beta2_cap=None,
     clipping_threshold=clip_threshold,
     multiply_by_parameter_scale=scale_parameter,
     epsilon1=epsilon1,
     epsilon2=epsilon2,
     warmup_init=warmup_init,
     momentum=beta1,
-    momentum_dtype=jnp.float32,
     weight_decay_rate=weight_decay or None,
-    weight_decay_mask=None,
-    factored=True,
-    min_dim_size_to_factor=1,
-    skip_nonfinite=False,
-    factor_dims=_last_two_axes,
     weight_decay_scaled_by_step=True,
+    min_dim_size_to_factor=1,
+    factor_dims=_last_two_axes,
     telemetry=telemetry,
   )
 
@@ -247,25 +232,15 @@ def torch_adafactor(
       "adafactor_jax.adafactor takes the positive decay_rate=0.8."
     )
   epsilon1 = eps[0] if eps[0] is not None else float(jnp.finfo(jnp.float32).eps)
-  return adafactor_chain(
-    learning_rate=None,
+  return adafactor(
+    schedules.relative_step_size(max_step_size=lr),
     decay_rate=-beta2_decay,
-    decay_offset=0,
-    beta2_cap=None,
     clipping_threshold=d,
-    multiply_by_parameter_scale=True,
     epsilon1=epsilon1**2,
     epsilon2=eps[1],
-    warmup_init=False,
-    momentum=None,
-    momentum_dtype=jnp.float32,
     weight_decay_rate=lr * weight_decay if weight_decay else None,
-    weight_decay_mask=None,
-    factored=True,
     min_dim_size_to_factor=1,
-    skip_nonfinite=False,
     factor_dims=_last_two_axes,
-    relative_max_step_size=lr,
     maximize=maximize,
     telemetry=telemetry,
   )

@@ -1,6 +1,9 @@
-"""The parameter-scale multiplier of Adafactor (Section 8)."""
+"""Scaling the step: by the learning rate, and by the parameter scale of Adafactor (Section 8)."""
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,7 @@ import optax
 
 from adafactor_jax import _checks, _telemetry
 from adafactor_jax.clipping import per_slice_rms
-from adafactor_jax.factored import FactorDimsFn, FactorRules, _rules_fn, _slice_axes, widen
+from adafactor_jax.factored import FactorDimsFn, FactorRules, choice_fn, slice_axes_of, widen
 
 
 def scale_by_parameter_scale(
@@ -48,22 +51,11 @@ def scale_by_parameter_scale(
   """
   _checks.check_scalar("epsilon2", epsilon2, low=0.0)
   _checks.check_bool("telemetry", telemetry)
-  user_choice = _rules_fn(factor_dims)
+  user_choice = choice_fn(factor_dims)
 
-  def slice_axes(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return _slice_axes(user_choice, name, shape)
-
-  def init_fn(params: optax.Params) -> optax.EmptyState | _telemetry.TelemetryState:
-    if not telemetry:
-      return optax.EmptyState()
-    scales = _telemetry.initial_figures(_telemetry.PARAMETER_SCALE, params, slice_axes)
-    return _telemetry.TelemetryState(optax.EmptyState(), {}, {_telemetry.PARAMETER_SCALE: scales})
-
-  def update_fn(
-    updates: optax.Updates,
-    state: optax.EmptyState | _telemetry.TelemetryState,
-    params: optax.Params | None = None,
-  ) -> tuple[optax.Updates, optax.EmptyState | _telemetry.TelemetryState]:
+  def step(
+    updates: optax.Updates, params: optax.Params | None
+  ) -> tuple[optax.Updates, dict[str, Any]]:
     if params is None:
       raise ValueError(
         "scale_by_parameter_scale needs the parameters: call update(updates, state, params)."
@@ -72,14 +64,65 @@ def scale_by_parameter_scale(
     param_rms = per_slice_rms(params, factor_dims=user_choice)
     factors = jax.tree.map(lambda r: jnp.maximum(epsilon2, r), param_rms)
     scaled = jax.tree.map(lambda u, f: (widen(u) * f).astype(u.dtype), updates, factors)
-    if not telemetry:
-      return scaled, state
-    assert isinstance(state, _telemetry.TelemetryState)
-    scales = _telemetry.packed(
-      jax.tree.leaves(factors), state.per_parameter[_telemetry.PARAMETER_SCALE]
-    )
-    return scaled, _telemetry.TelemetryState(
-      optax.EmptyState(), {}, {_telemetry.PARAMETER_SCALE: scales}
-    )
+    return scaled, {_telemetry.PARAMETER_SCALE: factors}
+
+  return _telemetry.with_per_parameter_figures(
+    step,
+    (_telemetry.PARAMETER_SCALE,),
+    functools.partial(slice_axes_of, user_choice),
+    telemetry=telemetry,
+  )
+
+
+def scale_by_learning_rate(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  flip_sign: bool = True,
+  telemetry: bool = False,
+) -> optax.GradientTransformation:
+  r"""Scales updates by the learning rate: ``optax.scale_by_learning_rate``, plus telemetry.
+
+  .. math::
+    U_t \leftarrow \mp\,\eta_t U_t,
+
+  with :math:`\eta_t` ``learning_rate`` (a schedule at the step count), negated
+  when ``flip_sign``. The updates are optax's own, bit for bit.
+
+  Args:
+    learning_rate: a float, or an optax schedule of the step count.
+    flip_sign: negate the step size (the default, as optax), so that
+      ``optax.apply_updates`` descends.
+    telemetry: if True, the state records the step size :math:`\eta_t`, without
+      the sign ``flip_sign`` gives it (a :class:`adafactor_jax.TelemetryState`
+      around optax's state; read it with :func:`adafactor_jax.telemetry`).
+
+  Returns:
+    An `optax.GradientTransformation`; without telemetry, optax's own.
+
+  References:
+    `optax.scale_by_learning_rate
+    <https://optax.readthedocs.io/en/latest/api/transformations.html#optax.scale_by_learning_rate>`_.
+  """
+  _checks.check_scalar("learning_rate", learning_rate, allow_schedule=True)
+  _checks.check_bool("flip_sign", flip_sign)
+  _checks.check_bool("telemetry", telemetry)
+  inner = optax.scale_by_learning_rate(learning_rate, flip_sign=flip_sign)
+  if not telemetry:
+    return inner
+
+  def init_fn(params: optax.Params) -> _telemetry.TelemetryState:
+    step_size = _telemetry.scalar_zeros(_telemetry.STEP_SIZE)
+    return _telemetry.TelemetryState(inner.init(params), step_size, {})
+
+  def update_fn(
+    updates: optax.Updates, state: _telemetry.TelemetryState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, _telemetry.TelemetryState]:
+    if callable(learning_rate):
+      step_size = learning_rate(state.inner_state.count)
+    else:
+      step_size = learning_rate
+    updates, inner_state = inner.update(updates, state.inner_state, params)
+    figures = {_telemetry.STEP_SIZE: jnp.asarray(step_size, jnp.float32)}
+    return updates, _telemetry.TelemetryState(inner_state, figures, {})
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 from adafactor_jax import _checks, _probe
-from adafactor_jax.factored import _TINY, ScaleByFactoredRmsState, _factored_axes
+from adafactor_jax.factored import TINY, ScaleByFactoredRmsState, factored_axes
 from adafactor_jax.momentum import EmaMomentumState, Int8MomentumState, dequantize, quantize
 
 
@@ -203,8 +203,8 @@ def _full(stats: tuple[jax.Array, ...]) -> jax.Array:
   if len(stats) == 1:
     return stats[0]
   v_row, v_col = stats
-  rows, _ = _factored_axes(v_row, v_col)
-  return v_row * v_col / jnp.maximum(jnp.mean(v_row, rows, keepdims=True), _TINY)
+  rows, _ = factored_axes(v_row, v_col)
+  return v_row * v_col / jnp.maximum(jnp.mean(v_row, rows, keepdims=True), TINY)
 
 
 def _statistic(stats: tuple[jax.Array, ...], like: jax.Array) -> jax.Array:

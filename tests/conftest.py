@@ -24,6 +24,19 @@ import optax
 
 from adafactor_jax._checks import path_name
 
+# The configurations in which adafactor and optax.adafactor coincide
+# (tests/test_alias.py), with argument names both take.
+OPTAX_CASES = {
+  "defaults": {},
+  "no clipping": {"clipping_threshold": None},
+  "no parameter scale": {"multiply_by_parameter_scale": False},
+  "momentum": {"momentum": 0.9},
+  "weight decay": {"weight_decay_rate": 1e-3},
+  "not factored": {"factored": False},
+  "min dim 16": {"min_dim_size_to_factor": 16},
+  "decay_rate 0.6": {"decay_rate": 0.6},
+}
+
 
 def make_params(seed: int = 0) -> dict[str, np.ndarray]:
   """1-D to 4-D float32 parameters; some factored by default, some not."""
@@ -116,6 +129,15 @@ def assert_bit_identical(actual, expected, what: str = "") -> None:
     x, y = np.asarray(x), np.asarray(y)
     assert (x.dtype, x.shape) == (y.dtype, y.shape), (what, i)
     assert np.array_equal(bits(x), bits(y)), (what, i, x, y)
+
+
+def assert_tree_allclose(actual, expected, **kwargs) -> None:
+  """Same tree structure, and leaf by leaf np.testing.assert_allclose in float64."""
+  leaves_a, tree_a = jax.tree.flatten(actual)
+  leaves_e, tree_e = jax.tree.flatten(expected)
+  assert tree_a == tree_e
+  for x, y in zip(leaves_a, leaves_e, strict=True):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), **kwargs)
 
 
 def changed(a, b) -> bool:

@@ -70,6 +70,8 @@ class Options:
   factored: bool = True
   min_dim_size_to_factor: int = 128
   skip_nonfinite: bool = False
+  weight_decay_scaled_by_step: bool = False
+  maximize: bool = False
   # (shape) -> factored axes; None for two_largest_axes with min_dim_size_to_factor.
   factor_axes: Callable[[tuple[int, ...]], tuple[int, int] | None] | None = None
 
@@ -163,7 +165,12 @@ class Reference:
         denominator = max(1.0, np.sqrt(np.mean(_abs2(u))) / o.clipping_threshold)
         figures["clipping_denominator"] = denominator
         u = u / denominator
-      alpha = self._step_size(t)
+      wd = None
+      if o.weight_decay_rate is not None and (o.weight_decay_mask or {}).get(name, True):
+        wd = o.weight_decay_rate(t - 1) if callable(o.weight_decay_rate) else o.weight_decay_rate
+      if wd is not None and o.weight_decay_scaled_by_step:
+        u = u + wd * x  # HF: multiplied by the step size and parameter scale below
+      alpha = -self._step_size(t) if o.maximize else self._step_size(t)
       if o.multiply_by_parameter_scale:
         figures["parameter_scale"] = max(o.epsilon2, np.sqrt(np.mean(_abs2(x))))
         alpha *= figures["parameter_scale"]
@@ -178,7 +185,26 @@ class Reference:
         elif o.momentum_dtype == "int8":
           new_m = int8_round_trip(new_m)
         leaf.m = u = new_m
-      if o.weight_decay_rate is not None and (o.weight_decay_mask or {}).get(name, True):
-        wd = o.weight_decay_rate(t - 1) if callable(o.weight_decay_rate) else o.weight_decay_rate
+      if wd is not None and not o.weight_decay_scaled_by_step:
         u = u + wd * x
       self.params[name] = x - u
+
+
+def _reduced_axes(x: np.ndarray, batch_axes: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(i for i in range(x.ndim) if i not in batch_axes)
+
+
+def slice_rms(x, batch_axes: tuple[int, ...] = ()) -> np.ndarray:
+  """sqrt(mean(|x|²)) in float64 over every axis but ``batch_axes``, kept as size 1."""
+  x = _wide(x)
+  return np.sqrt(np.mean(_abs2(x), axis=_reduced_axes(x, batch_axes), keepdims=True))
+
+
+def clip_by_rms(u, threshold: float, batch_axes: tuple[int, ...] = ()) -> np.ndarray:
+  """Section 6: U / max(1, RMS(U)/d), per slice along ``batch_axes``, in float64."""
+  return _wide(u) / np.maximum(1.0, slice_rms(u, batch_axes) / threshold)
+
+
+def parameter_scale(x, epsilon2: float, batch_axes: tuple[int, ...] = ()) -> np.ndarray:
+  """Section 8: max(ε2, RMS(X)), per slice along ``batch_axes``, in float64."""
+  return np.maximum(epsilon2, slice_rms(x, batch_axes))

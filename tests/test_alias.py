@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ import pytest
 
 import adafactor_jax
 from tests.conftest import (
+  OPTAX_CASES,
   make_grads,
   make_params,
   relative_error,
@@ -110,16 +113,6 @@ def test_report_largest_reference_error():
       assert errors[worst] < tolerance
 
 
-OPTAX_CASES = {
-  "defaults": {},
-  "no clipping": {"clipping_threshold": None},
-  "no parameter scale": {"multiply_by_parameter_scale": False},
-  "momentum": {"momentum": 0.9},
-  "weight decay": {"weight_decay_rate": 1e-3},
-  "not factored": {"factored": False},
-  "min dim 16": {"min_dim_size_to_factor": 16},
-  "decay_rate 0.6": {"decay_rate": 0.6},
-}
 _OPTAX_NAMES = {"momentum_dtype": "dtype_momentum"}
 
 
@@ -170,12 +163,63 @@ def test_signature_is_exactly_the_documented_one():
     "factor_dims": None,
     "stochastic_rounding": False,
     "rounding_seed": 0,
+    "weight_decay_scaled_by_step": False,
+    "maximize": False,
     "telemetry": False,
   }
   signature = inspect.signature(adafactor_jax.adafactor)
   assert list(signature.parameters) == list(expected)
   for name, default in expected.items():
     assert signature.parameters[name].default == default, name
+  # Keyword-only after the first, each annotated and documented in Args, in order.
+  kinds = [p.kind for p in signature.parameters.values()]
+  assert kinds == [inspect.Parameter.POSITIONAL_OR_KEYWORD] + [inspect.Parameter.KEYWORD_ONLY] * (
+    len(kinds) - 1
+  )
+  assert all(p.annotation is not inspect.Parameter.empty for p in signature.parameters.values())
+  doc = adafactor_jax.adafactor.__doc__
+  args = doc[doc.index("Args:") : doc.index("Returns:")]
+  paragraphs = dict(re.findall(r"^    (\w+):(.*?)(?=^    \w+:|\Z)", args, re.M | re.S))
+  assert list(paragraphs) == list(expected)
+  # ... each with its default, the signature's.
+  for name, paragraph in paragraphs.items():
+    (text,) = re.findall(r"Defaults to\s+``(.+?)``", paragraph)
+    documented = jnp.dtype(text) if name == "momentum_dtype" else ast.literal_eval(text)
+    assert documented == signature.parameters[name].default, name
+
+
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    {"weight_decay_rate": 0.1, "weight_decay_scaled_by_step": True},
+    {"weight_decay_rate": 0.1, "weight_decay_scaled_by_step": True, "momentum": 0.9},
+    {"maximize": True},
+    {"maximize": True, "weight_decay_rate": 0.1, "learning_rate": 1e-2},
+  ],
+  ids=["scaled decay", "scaled decay, momentum", "maximize", "maximize with decay"],
+)
+def test_the_preset_knobs_match_the_float64_reference(kwargs):
+  params = make_params()
+  grads = _grads_list(params, False)[:5]
+  reference = Reference(Options(**kwargs), params)
+  for g in grads:
+    reference.step(g)
+  actual, _ = run_accumulating_float64(adafactor_jax.adafactor(**kwargs), params, grads)
+  errors = relative_error(actual, reference.params, params)
+  assert max(errors.values()) < 1e-5, errors
+
+
+def test_maximize_is_the_step_of_the_negated_gradient_bit_for_bit():
+  """U is odd in G and V̂ even, and weight decay is not flipped: maximize(G) == descend(-G)."""
+  params = jax.tree.map(jnp.asarray, make_params())
+  grads = jax.tree.map(jnp.asarray, _grads_list(params, False)[0])
+  ascend = adafactor_jax.adafactor(maximize=True, weight_decay_rate=0.1)
+  descend = adafactor_jax.adafactor(weight_decay_rate=0.1)
+  up, _ = jax.jit(ascend.update)(grads, ascend.init(params), params)
+  down, _ = jax.jit(descend.update)(jax.tree.map(jnp.negative, grads), descend.init(params), params)
+  jax.tree.map(np.testing.assert_array_equal, up, down)
+  plain, _ = jax.jit(descend.update)(grads, descend.init(params), params)
+  assert not np.array_equal(up["kernel"], plain["kernel"])
 
 
 def test_relative_step_differs_from_optax_lr_none():

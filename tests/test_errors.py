@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 
@@ -171,9 +172,19 @@ def test_weight_decay_mask_without_weight_decay(mask):
     adafactor_jax.adafactor(weight_decay_mask=mask)
 
 
-@pytest.mark.parametrize(
-  "name", ["factored", "skip_nonfinite", "multiply_by_parameter_scale", "warmup_init"]
-)
+# Every flag of adafactor, read from its signature, so that a new one is checked too.
+FLAGS = [
+  name
+  for name, parameter in inspect.signature(adafactor_jax.adafactor).parameters.items()
+  if parameter.annotation == "bool"
+]
+
+
+def test_the_flags_are_read_from_the_signature():
+  assert {"factored", "maximize", "weight_decay_scaled_by_step", "telemetry"} <= set(FLAGS)
+
+
+@pytest.mark.parametrize("name", FLAGS)
 @pytest.mark.parametrize("value", [1, 0, "yes", None, 1.0])
 def test_flags_must_be_bool(name, value):
   with _raises(name, "must be True or False"):
@@ -380,6 +391,30 @@ def test_good_factor_dims_accepted():
   # (row, col) = (1, 0): v_row averages over the column axis 0, v_col over axis 1.
   assert state.v_row["dense"]["kernel"].shape == (1, 3)
   assert state.v_col["dense"]["kernel"].shape == (4, 1)
+  # update takes the choice from the state: the kernel's step is the factored one (for a
+  # matrix the same whichever axis is the row), the others' the full second moment's.
+  grads = jax.tree.map(lambda x: 2.0 * x + 0.5, _tree())
+  updates, new_state = jax.jit(tx.update)(grads, state)
+  assert jax.tree.map(jnp.shape, new_state) == jax.tree.map(jnp.shape, state)
+  assert len(seen) == 3  # init chose; update did not ask again
+  factored = adafactor_jax.scale_by_factored_rms(min_dim_size_to_factor=1)
+  expected, _ = factored.update(grads, factored.init(_tree()))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), updates, expected)
+  np.testing.assert_allclose(updates["dense"]["bias"], np.sign(grads["dense"]["bias"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [
+    ({"learning_rate": "0.1"}, "learning_rate"),
+    ({"learning_rate": NAN}, "learning_rate"),
+    ({"learning_rate": 0.1, "flip_sign": 1}, "flip_sign"),
+    ({"learning_rate": 0.1, "telemetry": None}, "telemetry"),
+  ],
+)
+def test_scale_by_learning_rate_refuses_bad_arguments_by_name(kwargs, name):
+  with _raises(name):
+    adafactor_jax.scale_by_learning_rate(**kwargs)
 
 
 @pytest.mark.parametrize("value", [0, 0.0, -1.0, NAN, INF, None, True, "1"])

@@ -56,6 +56,26 @@ def test_state_holds_row_and_column_statistics_only():
   n_stats = sum(x.size for x in stats)
   assert n_stats == (256 + 192) + 3 * 3 * (128 + 160) + 300 + 1
   assert state.count.dtype == jnp.int32 and state.count.shape == ()
+  # The first update fills them (beta2 = 0 at t = 1) with the means of G² + eps1, in float64:
+  # over the column axis, over the row axis, or none; shapes and dtypes as init made them.
+  rng = np.random.default_rng(0)
+  grads = {k: jnp.asarray(rng.standard_normal(x.shape), x.dtype) for k, x in params.items()}
+  _, new = jax.jit(scale_by_factored_rms().update)(grads, state)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), new) == jax.tree.map(
+    lambda x: (x.shape, x.dtype), state
+  )
+  assert int(new.count) == 1
+  g2 = {k: np.square(np.asarray(g, np.float64)) + 1e-30 for k, g in grads.items()}
+  expected = {
+    ("v_row", "kernel"): g2["kernel"].mean(1, keepdims=True),
+    ("v_col", "kernel"): g2["kernel"].mean(0, keepdims=True),
+    ("v_row", "conv"): g2["conv"].mean(3, keepdims=True),
+    ("v_col", "conv"): g2["conv"].mean(2, keepdims=True),
+    ("v", "bias"): g2["bias"],
+    ("v", "scalar"): g2["scalar"],
+  }
+  for (field, name), value in expected.items():
+    np.testing.assert_allclose(getattr(new, field)[name], value, rtol=1e-6, err_msg=name)
 
 
 def test_optimizer_state_bytes_have_no_per_leaf_placeholders():
@@ -64,7 +84,12 @@ def test_optimizer_state_bytes_have_no_per_leaf_placeholders():
   state = adafactor_jax.adafactor().init(params)
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   stats_bytes = 20 * 4 * ((512 + 256) + 256)
-  assert stats_bytes <= state_bytes <= stats_bytes + 64  # 64: the step counters
+  assert state_bytes == stats_bytes + 8  # two int32 step counts: the statistics' and the schedule's
+  # An update keeps it so: same leaves, same bytes.
+  tx = adafactor_jax.adafactor()
+  grads = jax.tree.map(jnp.ones_like, params)
+  _, state = jax.jit(tx.update)(grads, state, params)
+  assert sum(x.nbytes for x in jax.tree.leaves(state)) == stats_bytes + 8
 
 
 def test_statistics_stay_float32_for_bfloat16_parameters():

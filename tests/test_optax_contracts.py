@@ -207,11 +207,18 @@ def test_16_2_init_on_shape_dtype_structs_places_the_state_by_their_sharding():
   params = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), INIT_PARAMS
   )
-  state = adafactor_jax.adafactor(momentum=0.9).init(params)
+  tx = adafactor_jax.adafactor(momentum=0.9)
+  state = tx.init(params)
   arrays = [x for x in jax.tree.leaves(state[0]) if x.ndim]
   assert arrays and all(x.devices() == {device} for x in arrays)
+  # It steps like the state of concrete parameters, and stays on that device.
+  concrete = jax.device_put(INIT_PARAMS, device)
+  grads = jax.tree.map(lambda x: 0.1 * jnp.cos(x), concrete)
+  updates, new_state = jax.jit(tx.update)(grads, state, concrete)
+  expected, _ = jax.jit(tx.update)(grads, tx.init(INIT_PARAMS), INIT_PARAMS)
+  jax.tree.map(np.testing.assert_array_equal, updates, expected)
+  assert all(x.devices() == {device} for x in jax.tree.leaves(new_state))
   # state_shardings, which traces init, accepts the same abstract params.
-  tx = adafactor_jax.adafactor()
   shardings = adafactor_jax.state_shardings(
     tx, params=params, param_shardings=jax.tree.map(lambda _: sharding, params)
   )

@@ -107,12 +107,25 @@ def test_off_is_the_step_and_state_without_the_argument():
   assert not any(is_node(x) for x in jax.tree.leaves(state, is_leaf=is_node))
   for tx in (adafactor_jax.clip_by_update_rms(), adafactor_jax.scale_by_parameter_scale()):
     assert tx.init(params) == optax.EmptyState()
+  # The step is that of the chain of optax's and the pieces' own transformations, built
+  # without the argument; telemetry=True, which records figures, is another step.
+  by_hand = optax.chain(
+    adafactor_jax.scale_by_factored_rms(clipping_threshold=1.0),
+    optax.scale_by_learning_rate(adafactor_jax.relative_step_size(), flip_sign=False),
+    adafactor_jax.scale_by_parameter_scale(),
+    optax.scale(-1.0),
+  )
   grads = make_grads(params, 0)
   jaxprs = [
     str(jax.make_jaxpr(tx.update)(grads, tx.init(params), params))
-    for tx in (adafactor_jax.adafactor(), adafactor_jax.adafactor(telemetry=False))
+    for tx in (
+      adafactor_jax.adafactor(telemetry=False),
+      by_hand,
+      adafactor_jax.adafactor(telemetry=True),
+    )
   ]
   assert jaxprs[0] == jaxprs[1]
+  assert jaxprs[0] != jaxprs[2]
   with pytest.raises(ValueError, match="opt_state records no telemetry"):
     adafactor_jax.telemetry(state)
 
@@ -159,6 +172,17 @@ def test_state_grows_by_one_scalar_per_figure_and_slice():
   # Before the first step: zeros, and denominators of 1 (nothing clipped).
   for name, value in figures.items():
     assert float(value) == (1.0 if name.endswith("clipping_denominator") else 0.0), name
+  # A step writes every figure in place: the bytes stay, the figures are the step's.
+  grads = make_grads(params, 0)
+  _, state_on = jax.jit(on.update)(grads, state_on, params)
+  _, state_off = jax.jit(off.update)(grads, state_off, params)
+  assert nbytes(state_on) - nbytes(state_off) == 4 * (3 * slices + 2)
+  after = adafactor_jax.telemetry(state_on)
+  assert after.keys() == figures.keys()
+  assert all(
+    float(after[k]) > 0 for k in figures if k.endswith(("rms_update_before_clipping", "rms_step"))
+  )
+  assert float(after["beta2"]) == 0.0 and float(after["step_size"]) == pytest.approx(1e-2)
 
 
 def test_names_per_slice_and_per_path():
@@ -290,18 +314,25 @@ def test_inject_hyperparams_records_the_injected_step_size_under_jit():
 def test_a_chain_of_the_pieces_masked_and_multi_transform():
   params = make_params()
   grads = [make_grads(params, t) for t in range(2)]
-  pieces = optax.chain(
+  parts = [
     adafactor_jax.scale_by_factored_rms(telemetry=True),
     adafactor_jax.clip_by_update_rms(telemetry=True),
     optax.scale_by_learning_rate(1e-2),
     adafactor_jax.scale_by_parameter_scale(telemetry=True),
-  )
-  _, state, _ = _run(pieces, params, grads)
+  ]
+  _, state, _ = _run(optax.chain(*parts), params, grads)
   figures = adafactor_jax.telemetry(state)
   _, fused, _ = _run(adafactor_jax.adafactor(1e-2, telemetry=True), params, grads)
   expected = adafactor_jax.telemetry(fused)
   # optax's step size records nothing, so neither it nor rms_step is there.
   assert figures.keys() == {k for k in expected if not k.endswith(("step_size", "rms_step"))}
+  for key in figures:
+    np.testing.assert_allclose(figures[key], expected[key], rtol=1e-5, err_msg=key)
+  # adafactor_jax.scale_by_learning_rate records it: then every figure is there.
+  parts[2] = adafactor_jax.scale_by_learning_rate(1e-2, telemetry=True)
+  _, state, _ = _run(optax.chain(*parts), params, grads)
+  figures = adafactor_jax.telemetry(state)
+  assert figures.keys() == expected.keys()
   for key in figures:
     np.testing.assert_allclose(figures[key], expected[key], rtol=1e-5, err_msg=key)
 

@@ -12,6 +12,7 @@ import adafactor_jax
 from adafactor_jax import FactorAxes, warm_start_state
 from adafactor_jax.momentum import dequantize
 from tests.conftest import (
+  OPTAX_CASES,
   assert_bit_identical,
   make_grads,
   make_params,
@@ -62,19 +63,6 @@ def _momentum(state):
 
 # --------------------------------------------------------------------------
 # From optax.adafactor: exact.
-
-# The configurations in which adafactor and optax.adafactor coincide
-# (tests/test_alias.py), with optax's argument names.
-OPTAX_CASES = {
-  "defaults": {},
-  "no clipping": {"clipping_threshold": None},
-  "no parameter scale": {"multiply_by_parameter_scale": False},
-  "momentum": {"momentum": 0.9},
-  "weight decay": {"weight_decay_rate": 1e-3},
-  "not factored": {"factored": False},
-  "min dim 16": {"min_dim_size_to_factor": 16},
-  "decay_rate 0.6": {"decay_rate": 0.6},
-}
 
 
 @pytest.mark.parametrize("name", list(OPTAX_CASES))
