@@ -347,7 +347,7 @@ def _precondition_plain(
     return _Preconditioned(None, None, v, (factor, jnp.ones([], jnp.float32)), msq)
 
   assert v_row is not None and v_col is not None  # factored: both, by construction
-  rows, cols = _factored_axes(v_row, v_col)
+  rows, cols = factored_axes(v_row, v_col)
   g_squared = abs_square(grad)
   col_mean = jnp.mean(g_squared, rows, keepdims=True)
   row_mean = jnp.mean(g_squared, cols, keepdims=True)
@@ -355,7 +355,7 @@ def _precondition_plain(
   v_row = saturate(beta2 * v_row + (1 - beta2) * (row_mean + epsilon1))
   col_factor = jax.lax.rsqrt(v_col)
   # V̂ = R C / mean(R), taken as two rsqrt factors so that R * C cannot underflow.
-  row_factor = jax.lax.rsqrt(jnp.maximum(v_row / _mean(v_row, rows), _TINY))
+  row_factor = jax.lax.rsqrt(jnp.maximum(v_row / _mean(v_row, rows), TINY))
   msq = None
   if mean_square_axes is not None:
     u = widen(grad) * row_factor * col_factor
