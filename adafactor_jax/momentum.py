@@ -149,8 +149,12 @@ def _stored_once(stored: Any) -> Any:
   write and the parameter update into one pass, which the barrier would split
   (8 more bytes per parameter on v5p), so it is kept on the CPU only.
   """
-  return jax.lax.platform_dependent(
-    stored, cpu=jax.lax.optimization_barrier, default=lambda tree: tree
+  # One choice per buffer, so that no buffer's update reads another's (fused_train_step checks).
+  return jax.tree.map(
+    lambda buffer: jax.lax.platform_dependent(
+      buffer, cpu=jax.lax.optimization_barrier, default=lambda x: x
+    ),
+    stored,
   )
 
 
