@@ -11,8 +11,9 @@ a ``.md`` table, inserted as it is (``adafactor-compare`` writes them next to
 its JSON), ``benchmarks/results/results.json`` (``python -m benchmarks.run``
 writes it), which gives the speed and memory table, or
 ``benchmarks/results/memory.json`` (``python -m benchmarks.memory``), the
-largest-model table. ``tests/test_readme.py`` fails when a region differs from
-what its file gives.
+largest-model table, or ``benchmarks/results/memory_tpu.json`` (``python -m
+benchmarks.memory --topology ...``), the largest model by the TPU compiler.
+``tests/test_readme.py`` fails when a region differs from what its file gives.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import re
 import sys
 from pathlib import Path
 
-from benchmarks import memory, run
+from benchmarks import memory, memory_tpu, run
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -37,6 +38,8 @@ def render(source: str) -> str:
   path = ROOT / source
   if path.suffix == ".md":
     return path.read_text().strip() + "\n"
+  if path.name == "memory_tpu.json":
+    return memory_tpu.readme_table(json.loads(path.read_text())) + "\n"
   if path.name == "memory.json":
     return memory.readme_table(json.loads(path.read_text())) + "\n"
   if path.suffix == ".json":
