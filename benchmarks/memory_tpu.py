@@ -180,7 +180,7 @@ def readme_table(results: dict[str, Any]) -> str:
       for entry in chips.values():
         per_size = entry["peaks"].get(dtype, {}).get(name)
         if per_size is None:
-          cells.append("—")
+          cells.append("not compiled")
           continue
         fits, refused = largest(per_size)
         cell = _params(fits, results)

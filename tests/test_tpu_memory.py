@@ -10,7 +10,7 @@ import json
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import gpt, memory, memory_tpu, tpu
+from benchmarks import gpt, memory, memory_tpu, readme, tpu
 
 SMALL = gpt.Config(d_model=128, n_layers=2, vocab=512, seq_len=32, batch=2)
 # 2 x 2^16 tokens of 2^14-wide logits: 64 GiB of float32 temporaries, over a v5e's 16 GiB.
@@ -74,3 +74,10 @@ def test_walk_stops_where_the_sizes_cross_the_budget():
     assert walked(4, 5) == ["e"]  # the largest fits: nothing larger measured
   finally:
     monkeypatch.undo()
+
+
+def test_the_readme_renders_the_tpu_table_from_its_json():
+  rendered = readme.render("benchmarks/results/memory_tpu.json")
+  assert rendered.startswith("Compiled ") and "RESOURCE_EXHAUSTED" in rendered
+  written = json.loads(open(readme.ROOT / "benchmarks/results/memory_tpu.json").read())
+  assert set(written["chips"]) == {"v5e", "v6e", "v4", "v5p"}
