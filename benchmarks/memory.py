@@ -3,7 +3,7 @@
 Usage::
 
   python -m benchmarks.memory [--sizes all] [--optimizers sgd,optax_adamw,...]
-      [--dtypes float32,bfloat16] [--out benchmarks/results]
+      [--dtypes float32,bfloat16] [--out benchmarks/results] [--topology v5e:2x2,...]
 
 For GPT-2-like decoders of growing size (``benchmarks/gpt.py``: layers stacked and
 scanned, each rematerialized; a fixed batch of 4 sequences of 512 tokens), each optimizer's
@@ -13,7 +13,8 @@ whole train step (forward, backward, update; parameters and state donated) is lo
 outputs aliased to donated arguments. The largest model that fits a budget is interpolated
 linearly in parameters between the two sizes around it. Writes ``memory.json`` and
 ``memory.png`` to ``--out``; ``python -m benchmarks.readme`` writes the README's table
-from the JSON.
+from the JSON. With ``--topology v5e:2x2,...`` the step is compiled by the TPU compiler for
+one device of each topology instead (``benchmarks/memory_tpu.py``: ``memory_tpu.json``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 import optax
 
 import adafactor_jax
-from benchmarks import gpt
+from benchmarks import gpt, tpu
 from benchmarks.run import environment, parse_names, sgd
 
 GIB = 2**30
@@ -97,17 +98,24 @@ def unfused_step(tx: optax.GradientTransformation) -> Callable[..., Any]:
   return step
 
 
-def compile_train_step(name: str, config: gpt.Config, dtype: Any) -> jax.stages.Compiled:
-  """The named optimizer's whole train step for ``config``, compiled from shapes alone."""
+def compile_train_step(
+  name: str, config: gpt.Config, dtype: Any, device: Any = None
+) -> jax.stages.Compiled:
+  """The named optimizer's whole train step for ``config``, compiled from shapes alone, for
+  the default backend or, given one of a topology's devices (``tpu.devices``), for it."""
   tx = OPTIMIZERS[name]()
-  layers, rest = gpt.param_shapes(config, dtype)
-  tokens = gpt.batch_shape(config)
+
+  def place(tree: Any) -> Any:
+    return tree if device is None else tpu.on_device(tree, device)
+
+  layers, rest = place(gpt.param_shapes(config, dtype))
+  tokens = place(gpt.batch_shape(config))
   if name.endswith("_fused"):
     fused = adafactor_jax.fused_train_step(tx, embed=gpt.embed, layer=gpt.layer, head=gpt.head)
-    state = jax.eval_shape(fused.init, layers, rest)
+    state = place(jax.eval_shape(fused.init, layers, rest))
     jitted = jax.jit(fused.step, donate_argnums=(0, 1, 2))
     return jitted.lower(layers, rest, state, tokens).compile()
-  state = jax.eval_shape(tx.init, (layers, rest))
+  state = place(jax.eval_shape(tx.init, (layers, rest)))
   jitted = jax.jit(unfused_step(tx), donate_argnums=(0, 1))
   return jitted.lower((layers, rest), state, tokens).compile()
 
@@ -272,11 +280,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument(
     "--out", default=os.path.join(os.path.dirname(__file__), "results"), help="output directory"
   )
+  parser.add_argument(
+    "--topology",
+    help="comma list of TPU topologies (e.g. v5e:2x2,v4:2x2x1): compile for one chip of each "
+    "with libtpu instead of XLA:CPU and write memory_tpu.json (benchmarks/memory_tpu.py)",
+  )
   args = parser.parse_args(argv)
   sizes = parse_names(args.sizes, list(SIZES), "--sizes", parser)
   sizes.sort(key=lambda s: SIZES[s].params)
   optimizers = parse_names(args.optimizers, list(OPTIMIZERS), "--optimizers", parser)
   dtypes = parse_names(args.dtypes, ["float32", "bfloat16"], "--dtypes", parser)
+  if args.topology:
+    from benchmarks import memory_tpu
+
+    try:
+      for topology in args.topology.split(","):
+        tpu.devices(topology)
+    except tpu.TopologyError as error:
+      parser.error(str(error))
+    return memory_tpu.main(args.topology.split(","), sizes, optimizers, dtypes, args.out)
   results = run(sizes, optimizers, dtypes)
   print(readme_table(results))
   os.makedirs(args.out, exist_ok=True)

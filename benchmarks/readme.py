@@ -14,7 +14,9 @@ relative to the repository:
 - a JSON file that ``RENDERERS`` names, rendered by its function:
   ``benchmarks/results/results.json`` (``python -m benchmarks.run``), the speed and memory
   table; ``benchmarks/results/memory.json`` (``python -m benchmarks.memory``), the
-  largest-model table.
+  largest-model table; ``benchmarks/results/memory_tpu.json`` (``python -m benchmarks.memory
+  --topology ...``), the largest model by the TPU compiler; ``benchmarks/results/tpu.json``
+  (``python -m benchmarks.run --topology ...``), the update's bytes on TPU compilers.
 
 A source in ``PENDING`` may not exist yet; its region then reads ``PENDING[source]``. To add a
 table: write a function from the file's parsed JSON to Markdown, add it to ``RENDERERS`` under
@@ -31,7 +33,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import memory, run
+from benchmarks import memory, memory_tpu, run
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -43,6 +45,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
   "results.json": run.readme_table,
   "memory.json": memory.readme_table,
   "tpu.json": run.tpu_readme_table,
+  "memory_tpu.json": memory_tpu.readme_table,
 }
 # Sources that are still to be measured, and what their region says until they are.
 PENDING: dict[str, str] = {}
