@@ -1,7 +1,7 @@
 """The training application: trainer, model, input pipeline, comparison and their CLI.
 
 It needs the ``[train]`` extra (flax, orbax-checkpoint, ml_collections, absl-py,
-matplotlib, tqdm, tensorboardX): ``pip install 'adafactor-jax[train]'``. The library
+matplotlib, tqdm, tensorboardX): ``pip install -e '.[train]'`` in a checkout. The library
 (``adafactor_jax`` itself) never imports it. This module imports nothing of it
 either, so that the console scripts can say which extra is missing.
 """
@@ -37,7 +37,8 @@ def _run(prog: str, module: str) -> None:
       raise
     print(
       f"{prog}: error: the training application needs the [train] extra (no module "
-      f"{missing!r}): pip install 'adafactor-jax[train]'",
+      f"{missing!r}): in a checkout, pip install -e '.[train]'; from a wheel, pip install "
+      "'<the wheel>[train]'",
       file=sys.stderr,
     )
     sys.exit(1)

@@ -239,7 +239,7 @@ def test_console_scripts_without_the_train_extra_name_it_in_one_line(script, mis
   assert proc.returncode == 1
   prog = {"train_cli": "adafactor-train", "compare_cli": "adafactor-compare"}[script]
   assert proc.stderr.startswith(f"{prog}: error: ") and proc.stderr.count("\n") == 1, proc.stderr
-  assert "pip install 'adafactor-jax[train]'" in proc.stderr and repr(missing) in proc.stderr
+  assert "pip install -e '.[train]'" in proc.stderr and repr(missing) in proc.stderr
   assert proc.stdout == "" and list(tmp_path.iterdir()) == []
 
 
