@@ -27,7 +27,6 @@ OPTIMIZERS = (
   "adafactor_jax",
   "adafactor_jax_telemetry",
   "adafactor_jax_bf16_momentum",
-  "adafactor_jax_int8_momentum",
 )
 
 
@@ -82,14 +81,3 @@ def test_an_unknown_topology_is_refused_with_one_line():
   with pytest.raises(tpu.TopologyError, match=r"^--topology v9:2x2: not a TPU topology") as info:
     tpu.devices("v9:2x2")
   assert "\n" not in str(info.value)
-
-
-def test_v5p_int8_momentum_costs_one_pass_more_than_its_bytes():
-  """int8 momentum in (8, 128) tiles: 33.2 and 33.1 bytes per parameter (blocks of 32 along
-  the last axis: 115.9 and 107.9, with temporaries of 85-260%). Its floor with update clipping
-  is 31: a block's maximum needs the clipping denominator, known after a whole pass over G, so
-  one more pass reads G and the int8 values before the final one (24 + 5 + 2)."""
-  for tree in TREES:
-    figures = compiled_figures("v5p:2x2x1")[tree]["optimizers"]["adafactor_jax_int8_momentum"]
-    assert 31.0 <= figures["bytes_per_param"] < 33.3, tree
-    assert figures["temp_pct_of_params"] < 1.2, tree
