@@ -1,11 +1,11 @@
 """The step's two formulations compute one algorithm.
 
-`factored._precondition`, and momentum's storing and int8 quantization, choose their
-formulation by the platform the step is compiled for: XLA:CPU's (barriers, stacked row means,
-split maxima) on the CPU, the algorithm as written on every other compiler (the TPU's). On this
-CPU the rest of the suite runs the first only; here the second runs on the CPU too, against the
-float64 reference, at extreme values, and against the first, on plain matrices and on stacked
-layers (rank-3 leaves whose leading axis is a batch axis).
+`factored._precondition` and `momentum._stored_once` choose their formulation by the platform
+the step is compiled for: XLA:CPU's (barriers, stacked row means) on the CPU, the algorithm as
+written on every other compiler (the TPU's). On this CPU the rest of the suite runs the first
+only; here the second runs on the CPU too, against the float64 reference, at extreme values,
+and against the first, on plain matrices and on stacked layers (rank-3 leaves whose leading
+axis is a batch axis).
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from tests.conftest import make_grads, make_params, relative_error, run_accumula
 def _use_other_compilers_formulation(monkeypatch: pytest.MonkeyPatch) -> None:
   monkeypatch.setattr(factored, "_precondition_for_cpu", factored._precondition_plain)
   monkeypatch.setattr(momentum, "_stored_once", lambda tree: tree)
-  monkeypatch.setattr(momentum, "_quantized_for_cpu", momentum._quantized_plain)
-  monkeypatch.setattr(momentum, "_cpu_max", lambda bits: jnp.max(bits, (-3, -1)))
 
 
 @pytest.fixture
