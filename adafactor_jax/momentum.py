@@ -17,15 +17,12 @@ from adafactor_jax.factored import widen
 FLOAT32 = np.dtype("float32")
 INT8 = np.dtype("int8")
 
-TILE = (8, 128)
-"""int8 blocks over the last two axes: one float32 TPU tile, 1024 elements.
+BLOCK_SIZE = 32
+"""Elements per int8 block along the last axis (when it is a multiple of this).
 
-A block matches the TPU's (8, 128) layout of the last two axes, so that the
-block maxima are reductions inside tiles rather than a relayout (blocks of 32
-along the last axis compiled for v5p to ~116 bytes accessed per parameter,
-these to ~31), and stays inside its shard whenever the shards along those
-axes hold multiples of 8 rows and 128 columns; its float32 scale adds 1/256
-byte per element (:func:`block_shape` for other shapes)."""
+Small enough that a block stays inside its shard whenever the last axis is
+split into shards of a multiple of 32 elements (768 over 8 devices gives 96),
+large enough that the float32 scales add 1/8 byte per element."""
 
 _INT8_MAX = 127.0  # Symmetric: -128 is never used, so that negation is exact.
 
@@ -40,9 +37,9 @@ class Int8MomentumState(NamedTuple):
   """State of :func:`ema_momentum` with ``momentum_dtype=int8``.
 
   ``momentum`` holds each parameter's int8 values, ``scale`` the float32 step of each
-  block's grid (:func:`block_shape`), shaped as the parameter with its last two axes
-  counting blocks (:func:`scale_shape`). A separate type, so that
-  :class:`EmaMomentumState`, and checkpoints of it, keep their structure.
+  block's grid, shaped as the parameter with its last axis counting blocks of 32 (or
+  size 1, one block per row, when the last axis is not a multiple of 32). A separate
+  type, so that :class:`EmaMomentumState`, and checkpoints of it, keep their structure.
   """
 
   momentum: optax.Updates
@@ -77,117 +74,35 @@ def _buffer_dtype(path: jax.tree_util.KeyPath, param: Any, momentum_dtype: jnp.d
   return jnp.promote_types(momentum_dtype, jnp.complex64)
 
 
-def _matrix(shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
-  """(leading axes, rows, columns) that int8 momentum cuts into blocks: the
-  last two axes; a vector of a multiple of 128 elements as rows of 128 (as a
-  TPU lays it out), any other as one row; a scalar as one element."""
-  if len(shape) >= 2:
-    return shape[:-2], shape[-2], shape[-1]
-  n = shape[0] if shape else 1
-  return ((), n // TILE[1], TILE[1]) if n % TILE[1] == 0 else ((), 1, n)
-
-
-def block_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-  """(rows, columns) of each int8 block of a parameter of ``shape``: a TILE
-  when its rows and columns are multiples of it, else one row: 128 columns
-  of it, or the whole row when the columns are not a multiple of 128 (as for
-  a head axis next to it, which may be sharded a head or two per device)."""
-  _, m, n = _matrix(tuple(shape))
-  if n % TILE[1]:
-    return 1, n
-  return (TILE[0] if m % TILE[0] == 0 else 1), TILE[1]
-
-
-def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The shape of the float32 block scales of a parameter of ``shape``: its
-  own with the last two axes counting blocks (one axis for a vector, none for
-  a scalar), so that they are sharded like it."""
-  shape = tuple(shape)
-  lead, m, n = _matrix(shape)
-  rows, cols = block_shape(shape)
-  if len(shape) >= 2:
-    return (*lead, m // rows, n // cols)
-  return ((m // rows) * (n // cols),) if shape else ()
-
-
 def _blocks(x: jax.Array) -> jax.Array:
-  """x as (..., row blocks, rows, column blocks, columns) (:func:`block_shape`)."""
-  lead, m, n = _matrix(jnp.shape(x))
-  rows, cols = block_shape(jnp.shape(x))
-  return jnp.reshape(x, (*lead, m // rows, rows, n // cols, cols))
+  """x as (..., blocks, block size): the last axis cut into blocks of
+  BLOCK_SIZE when it is a multiple of it, else into one block (a rank-0 x is
+  one block of one)."""
+  shape = jnp.shape(x)
+  n = shape[-1] if shape else 1
+  size = BLOCK_SIZE if n % BLOCK_SIZE == 0 else n
+  return jnp.reshape(x, (*shape[:-1], n // size, size))
 
 
 def _per_element(per_block: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """A value per block (shaped as the scales) repeated over its block, in x's
-  ``shape``: so that elementwise work stays in that shape, which lets XLA
-  write the int8 buffer in place."""
-  lead, m, n = _matrix(tuple(shape))
-  rows, cols = block_shape(tuple(shape))
-  per_block = jnp.reshape(per_block, (*lead, m // rows, 1, n // cols, 1))
-  return jnp.broadcast_to(per_block, (*lead, m // rows, rows, n // cols, cols)).reshape(shape)
+  """A value per block (``_blocks(x)`` less its last axis) repeated over its
+  block, in x's ``shape``: so that elementwise work stays in that shape, which
+  lets XLA write the int8 buffer in place."""
+  n = shape[-1] if shape else 1
+  repeated = jnp.broadcast_to(per_block[..., None], (*per_block.shape, n // per_block.shape[-1]))
+  return repeated.reshape(shape)
 
 
-def _absmax(x: jax.Array) -> jax.Array:
-  """max |x| over each block of float32 ``x``, shaped as the scales (NaN if
-  any is NaN).
+def _absmax(blocks: jax.Array) -> jax.Array:
+  """max |x| over the last axis of float32 ``blocks`` (NaN if any is NaN).
 
   Taken on the bits as int32 (non-negative floats order as their bits): a
   float max-reduction goes to XLA:CPU's YNNPACK fusion, which does not fuse
-  the elementwise work that produces ``x`` and so stores it, a
+  the elementwise work that produces ``blocks`` and so stores it, a
   parameter-sized float32 temporary; an integer one is an ordinary loop.
   """
-  blocks = _blocks(x)
   bits = jax.lax.bitcast_convert_type(blocks, jnp.int32) & 0x7FFFFFFF
-  absmax = jax.lax.platform_dependent(bits, cpu=_cpu_max, default=lambda b: jnp.max(b, (-3, -1)))
-  return jnp.reshape(jax.lax.bitcast_convert_type(absmax, jnp.float32), scale_shape(jnp.shape(x)))
-
-
-def _cpu_max(bits: jax.Array) -> jax.Array:
-  """``jnp.max(bits, (-3, -1))`` for XLA:CPU, which rewrites a reduction over
-  an axis longer than 32 (as the 8 x 128 of a tile, merged) into a tree of
-  reduce-windows that does not fuse the elementwise work producing ``bits``,
-  and so stores it: 4 bytes per element. Instead, the maxima over the rows and
-  each 32 columns (two axes apart, so not merged), then over the 4 of them: a
-  temporary of 1/64 byte per element."""
-  *lead, row_blocks, rows, col_blocks, cols = bits.shape
-  if cols % 32 or cols <= 32:
-    return jnp.max(bits, (-3, -1))
-  bits = jnp.reshape(bits, (*lead, row_blocks, rows, col_blocks, cols // 32, 32))
-  partial = jax.lax.optimization_barrier(jnp.max(bits, (-4, -1)))
-  return jnp.max(partial, -1)
-
-
-def _first_of_block(x: jax.Array) -> jax.Array:
-  """Each block's first element, shaped as the scales."""
-  return jnp.reshape(_blocks(x)[..., 0, :, 0], scale_shape(jnp.shape(x)))
-
-
-def _old_scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The scales' shape before the (8, 128) blocks: blocks of 32 along the last axis."""
-  n = shape[-1] if shape else 1
-  return (*shape[:-1], n // 32 if n % 32 == 0 else 1)
-
-
-def check_scales(momentum: Any, scale: Any) -> None:
-  """Raises ValueError, naming the parameter, for scales not shaped as
-  :func:`scale_shape` of their int8 values: a state or checkpoint of another
-  block layout, which would otherwise be misread (at trace time, so free)."""
-  for (path, q), s in zip(
-    jax.tree_util.tree_flatten_with_path(momentum)[0], jax.tree.leaves(scale), strict=True
-  ):
-    got, expected = tuple(jnp.shape(s)), scale_shape(tuple(jnp.shape(q)))
-    if got != expected:
-      layout = (
-        "blocks of 32 along the last axis, the layout before (8, 128) tiles"
-        if got == _old_scale_shape(tuple(jnp.shape(q)))
-        else "another block layout"
-      )
-      raise ValueError(
-        f"The int8 momentum's scales for parameter '{_checks.path_name(path)}' have shape "
-        f"{got} ({layout}), but int8 momentum now stores one per block of "
-        f"{block_shape(tuple(jnp.shape(q)))} elements, shape {expected}: this state "
-        "cannot be read; start the momentum anew with tx.init."
-      )
+  return jax.lax.bitcast_convert_type(jnp.max(bits, -1), jnp.float32)
 
 
 def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
@@ -198,30 +113,11 @@ def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
 def _quantized_update(new: jax.Array, old_q: jax.Array) -> tuple[jax.Array, jax.Array]:
   r"""(int8 values, block scales) of float32 ``new``, to replace ``old_q``.
 
-  Per block (:func:`block_shape`): :math:`s = \max|x| / 127` and
+  Per block (:func:`_blocks`): :math:`s = \max|x| / 127` and
   :math:`q = \mathrm{round}(127\,x / \max|x|)` (to nearest even), so that the
   block's largest magnitude is exact and every element is within :math:`s/2`.
   An all-zero block has :math:`s = 0` and :math:`q = 0`; a block holding a NaN
   or an Inf gets a NaN or Inf scale, which :func:`dequantize` carries on.
-  XLA:CPU gets :func:`_quantized_for_cpu`, the same values shaped for its
-  compiler; the TPU compiler fuses the plain computation better (the CPU's
-  form compiled for v5p to 47 bytes accessed per parameter of a 4096 x 4096
-  matrix, with temporaries of 13% of it; this to 39 and 1%).
-  """
-  return jax.lax.platform_dependent(new, old_q, cpu=_quantized_for_cpu, default=_quantized_plain)
-
-
-def _quantized_plain(new: jax.Array, old_q: jax.Array) -> tuple[jax.Array, jax.Array]:
-  del old_q
-  shape = jnp.shape(new)
-  absmax = _absmax(new)
-  ratio = new * _INT8_MAX / _per_element(jnp.where(absmax > 0, absmax, jnp.inf), shape)
-  q = jnp.clip(jnp.round(ratio), -_INT8_MAX, _INT8_MAX).astype(jnp.int8)
-  return q, absmax * (1 / _INT8_MAX)
-
-
-def _quantized_for_cpu(new: jax.Array, old_q: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """:func:`_quantized_update` for XLA:CPU.
 
   The two ``where`` change no value; they shape how XLA compiles the step,
   which computes ``new`` (from the old state) twice, for the maximum and for
@@ -233,14 +129,14 @@ def _quantized_for_cpu(new: jax.Array, old_q: jax.Array) -> tuple[jax.Array, jax
   instead of a copy.
   """
   shape = jnp.shape(new)
-  absmax = _absmax(new)
+  absmax = _absmax(_blocks(new))
   # Divided per element: a per-block reciprocal would be one more temporary.
   ratio = new * _INT8_MAX / _per_element(jnp.where(absmax > 0, absmax, jnp.inf), shape)
   q = jnp.clip(jnp.round(ratio), -_INT8_MAX, _INT8_MAX).astype(jnp.int8)
   q = jnp.where(_per_element(absmax >= 0, shape), q, old_q)  # absmax >= 0 unless NaN
   scale = absmax * (1 / _INT8_MAX)
   # q > -128 unless the block held a NaN or an Inf, whose scale is NaN either way.
-  scale = jnp.where(_first_of_block(q) > -128, scale, jnp.nan)
+  scale = jnp.where(_blocks(q)[..., 0] > -128, scale, jnp.nan)
   return q, scale
 
 
@@ -286,21 +182,16 @@ def ema_momentum(
   copying the old buffer and computing :math:`M_t` twice.
 
   **int8.** With ``momentum_dtype=int8`` (as Praxis's ShardedAdafactor and the
-  AlgoPerf Adafactor baseline), :math:`Q` quantizes block-wise: the last two
-  axes are cut into blocks of 8 rows and 128 columns, one float32 TPU tile
-  (1 row of 128 when the rows are not a multiple of 8; one whole row when the
-  columns are not a multiple of 128; a vector of a multiple of 128 elements
-  counts as rows of 128), each stored as int8 values :math:`q` and a float32
-  scale :math:`s = \max_\text{block}|M| / 127` in ``state.scale``, and
+  AlgoPerf Adafactor baseline), :math:`Q` quantizes block-wise: the last axis
+  is cut into blocks of 32 elements (one block when its size is not a multiple
+  of 32), each stored as int8 values :math:`q` and a float32 scale
+  :math:`s = \max_\text{block}|M| / 127` in ``state.scale``, and
   :math:`M = q\,s` (round to nearest, so within :math:`s/2`); the state is then an
-  :class:`Int8MomentumState`. A block lies inside one shard whenever the shards
-  along the last two axes hold multiples of its rows and columns; the scales,
-  shaped as the parameter with its last two axes counting blocks, are sharded
-  like it. The buffer costs 1 byte per element and the scales 1/256 byte
-  (4 bytes a tile; 1/32 byte in blocks of one row of 128; 4 bytes a row in
-  whole rows). A
-  state whose scales have another shape (blocks of 32 along the last axis, as
-  before these tiles) is refused with a ValueError naming the parameter.
+  :class:`Int8MomentumState`. The blocks lie
+  along the last axis only, and so inside one shard whenever the shards along
+  it hold a multiple of 32 elements; the scales, shaped as the parameter with
+  its last axis counting blocks, are sharded like it. The buffer costs 1 byte
+  per element and the scales 1/8 byte (1/8 + 1/64 of AdamW's 8 bytes).
 
   Args:
     momentum: :math:`\beta_1 \in [0, 1)`.
@@ -327,7 +218,9 @@ def ema_momentum(
     if not quantized:
       return EmaMomentumState(buffers)
     # Made from the parameter, like every buffer, so that the scales follow its sharding.
-    scales = jax.tree.map(lambda param: _absmax(_checks.zeros_like_param(param)), params)
+    scales = jax.tree.map(
+      lambda param: jnp.max(_blocks(_checks.zeros_like_param(param)), -1), params
+    )
     return Int8MomentumState(buffers, scales)
 
   def update_fn(
@@ -343,7 +236,6 @@ def ema_momentum(
       probe.momentum += 1
       decay = 0.0
     if quantized:
-      check_scales(state.momentum, state.scale)
       old = jax.tree.map(dequantize, state.momentum, state.scale)
     else:
       old = jax.tree.map(widen, state.momentum)

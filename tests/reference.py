@@ -27,47 +27,18 @@ def _abs2(x: np.ndarray) -> np.ndarray:
   return (x * np.conj(x)).real
 
 
-def int8_blocks(shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int, int, int]:
-  """(leading axes, rows, columns, block rows, block columns) of int8 momentum's
-  blocks: (8, 128) over the last two axes; (1, 128) when the rows are not a multiple
-  of 8; a whole row when the columns are not a multiple of 128. A vector of a
-  multiple of 128 elements counts as rows of 128, any other as one row; a scalar as
-  one element."""
-  if len(shape) >= 2:
-    lead, m, n = tuple(shape[:-2]), shape[-2], shape[-1]
-  else:
-    n = shape[0] if shape else 1
-    lead, m, n = ((), n // 128, 128) if n % 128 == 0 else ((), 1, n)
-  if n % 128:
-    return lead, m, n, 1, n
-  return lead, m, n, 8 if m % 8 == 0 else 1, 128
-
-
-def int8_quantized(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(q, scale, 127 m / max|m|) of m as int8 momentum stores it, per block of
-  :func:`int8_blocks`, in float64: q rounded to nearest even, scale = max|m| / 127
-  in m's shape with its last two axes counting blocks (a vector's flattened, a
-  scalar's a scalar), and the ratio in m's shape."""
-  m = np.asarray(m, np.float64)
-  lead, rows_all, cols_all, rows, cols = int8_blocks(m.shape)
-  blocks = m.reshape(*lead, rows_all // rows, rows, cols_all // cols, cols)
-  absmax = np.max(np.abs(blocks), (-3, -1), keepdims=True)
+def int8_round_trip(m: np.ndarray, block: int = 32) -> np.ndarray:
+  """m as int8 momentum stores it: per block of ``block`` elements along the last
+  axis (one block when that axis is not a multiple of it), values rounded to the
+  grid of max|m| / 127 (to nearest even), in float64."""
+  shape = m.shape
+  n = shape[-1] if shape else 1
+  size = block if n % block == 0 else n
+  blocks = m.reshape(*shape[:-1], n // size, size)
+  absmax = np.max(np.abs(blocks), -1, keepdims=True)
   with np.errstate(invalid="ignore", divide="ignore"):
-    ratio = np.where(absmax > 0, 127 * blocks / absmax, 0.0)
-  scale = absmax[..., 0, :, 0] / 127
-  if m.ndim < 2:
-    scale = scale.reshape(-1) if m.ndim else scale.reshape(())
-  return np.round(ratio).reshape(m.shape), scale, ratio.reshape(m.shape)
-
-
-def int8_round_trip(m: np.ndarray) -> np.ndarray:
-  """m as int8 momentum stores it (:func:`int8_quantized`), values q * scale, in float64."""
-  m = np.asarray(m, np.float64)
-  lead, rows_all, cols_all, rows, cols = int8_blocks(m.shape)
-  q, scale, _ = int8_quantized(m)
-  per_block = np.reshape(scale, (*lead, rows_all // rows, 1, cols_all // cols, 1))
-  q = q.reshape(*lead, rows_all // rows, rows, cols_all // cols, cols)
-  return (q * per_block).reshape(m.shape)
+    q = np.where(absmax > 0, np.round(127 * blocks / absmax), 0.0)
+  return (q * (absmax / 127)).reshape(shape)
 
 
 def two_largest_axes(shape, min_dim_size_to_factor):

@@ -553,7 +553,7 @@ def test_switching_from_adamw_warm_continues_the_run_and_cold_falls_behind():
 
 
 def _within_half_a_grid_step(node: adafactor_jax.Int8MomentumState, expected: dict) -> None:
-  """int8 momentum holds ``expected`` rounded to its block grids."""
+  """int8 momentum holds ``expected`` rounded to its block grids (32 along the last axis)."""
   for k, want in expected.items():
     stored = np.asarray(dequantize(node.momentum[k], node.scale[k]), np.float64)
     step = np.asarray(dequantize(jnp.ones_like(node.momentum[k]), node.scale[k]), np.float64)
