@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec, Sharding
+from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from adafactor_jax import _checks
 from adafactor_jax.factored import DEFAULT_MIN_DIM_SIZE_TO_FACTOR, FactorAxes, default_factor_dims
@@ -216,4 +217,44 @@ def state_shardings(tx: optax.GradientTransformation, *, params: Any, param_shar
 
   _checks.check_tree_matches(param_shardings, params, what="param_shardings", shapes=False)
   abstract_params = jax.tree_util.tree_map_with_path(abstract, params, param_shardings)
-  return jax.jit(tx.init).lower(abstract_params).compile().output_shardings
+  shardings = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
+  meshes = {s.mesh for s in jax.tree.leaves(param_shardings) if isinstance(s, NamedSharding)}
+  if len(meshes) != 1:
+    return shardings
+  (mesh,) = meshes
+  like = {
+    tuple(path): (param.shape, sharding)
+    for (path, param), sharding in zip(
+      jax.tree_util.tree_leaves_with_path(abstract_params),
+      jax.tree.leaves(param_shardings),
+      strict=True,
+    )
+  }
+  shapes = jax.eval_shape(tx.init, abstract_params)
+  return jax.tree_util.tree_map_with_path(functools.partial(_placed, mesh, like), shapes, shardings)
+
+
+def _placed(
+  mesh: Any,
+  like: dict[tuple[Any, ...], tuple[tuple[int, ...], Sharding]],
+  path: jax.tree_util.KeyPath,
+  leaf: jax.ShapeDtypeStruct,
+  sharding: Sharding,
+) -> Sharding:
+  """The sharding of a state leaf, where jit's propagation alone gets it wrong.
+
+  A leaf made from no parameter's value (optax's ``zeros_like`` moments, a step count) is
+  placed by jit as it likes: replicated, or on the default device, which is not on the mesh
+  when compiling ahead of time for other devices (a TPU topology). A leaf at a parameter's path
+  (its path ends with the parameter's) and of its shape is sharded as that parameter; any
+  other leaf off the mesh is replicated on it, as counters are.
+  """
+  if sharding.device_set <= set(mesh.devices.flat) and not sharding.is_fully_replicated:
+    return sharding
+  for start in range(len(path) + 1):
+    param = like.get(tuple(path[start:]))
+    if param is not None and param[0] == leaf.shape and not param[1].is_fully_replicated:
+      return param[1]
+  if sharding.device_set <= set(mesh.devices.flat):
+    return sharding
+  return NamedSharding(mesh, PartitionSpec())

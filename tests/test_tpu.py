@@ -16,6 +16,12 @@ import pytest
 
 pytest.importorskip("libtpu", reason="compiling for a TPU topology needs libtpu: '.[tpu]'")
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import AxisType, NamedSharding, PartitionSpec  # noqa: E402
+
+import adafactor_jax  # noqa: E402
 from benchmarks import run, tpu  # noqa: E402
 
 TREES = ("large", "large_stacked")
@@ -81,3 +87,34 @@ def test_an_unknown_topology_is_refused_with_one_line():
   with pytest.raises(tpu.TopologyError, match=r"^--topology v9:2x2: not a TPU topology") as info:
     tpu.devices("v9:2x2")
   assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+  "tx", [optax.adamw(1e-3), adafactor_jax.adafactor(learning_rate=1e-2, momentum=0.9)]
+)
+def test_state_shardings_stay_on_a_topologys_mesh(tx):
+  # The step count depends on no parameter: jit alone would put it on the default device (the
+  # CPU), and a step compiled for the topology would then refuse the state.
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,), devices=tpu.devices("v5e:2x2"))
+  params = {"w": jax.ShapeDtypeStruct((256, 512), jnp.float32), "b": jnp.zeros((512,))}
+  param_shardings = {
+    "w": NamedSharding(mesh, PartitionSpec("data", None)),
+    "b": NamedSharding(mesh, PartitionSpec()),
+  }
+  shardings = adafactor_jax.state_shardings(tx, params=params, param_shardings=param_shardings)
+  devices = set(mesh.devices.flat)
+  assert all(s.device_set == devices for s in jax.tree.leaves(shardings))
+  # optax's moments are zeros_like the parameters, which jit alone would replicate: they are
+  # sharded as their parameter (the library's own buffers already were).
+  moments = [s for s in jax.tree.leaves(shardings) if not s.is_fully_replicated]
+  assert moments and all(s.spec[0] == "data" for s in moments)
+  state = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    jax.eval_shape(tx.init, params),
+    shardings,
+  )
+  placed = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, param_shardings
+  )
+  grads = placed
+  jax.jit(tx.update).lower(grads, state, placed).compile()  # on the topology's devices only
