@@ -38,6 +38,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.mlp_dim = 512
   config.model.embed_init_scale = 1.0
   config.model.param_dtype = "float32"
+  # The dtype the layers compute in ("bfloat16" on TPUs); None: the parameters'. The loss is
+  # taken in float32 either way.
+  config.model.activation_dtype = config_dict.placeholder(str)
+  # Each block recomputed in the backward pass, which keeps only the blocks' inputs.
+  config.model.remat = False
   # The blocks as one stack scanned over a leading 'layers' axis (optimizer.fused_backward
   # needs it); its checkpoints are not an unscanned model's.
   config.model.scan_layers = False

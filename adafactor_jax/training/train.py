@@ -31,8 +31,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,8 +107,16 @@ class _StopOnSignal:
 # --------------------------------------------------------------------------- model and steps
 
 
-def create_model(config: ml_collections.ConfigDict) -> TransformerLM:
+def create_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> TransformerLM:
+  """The model of ``config``; on ``mesh``, with its activations' rows kept on the devices that
+  hold those rows of the batch, so that the compiler gathers weights, not activations."""
   m = config.model
+  rows = None
+  if mesh is not None:
+    spec = partitioning.mesh_spec(
+      PartitionSpec("batch", None, None), config.mesh.logical_axis_rules
+    )
+    rows = NamedSharding(mesh, spec)
   return TransformerLM(
     vocab_size=input_pipeline.VOCAB_SIZE,
     seq_len=config.data.seq_len,
@@ -119,6 +127,11 @@ def create_model(config: ml_collections.ConfigDict) -> TransformerLM:
     embed_init_scale=m.embed_init_scale,
     dtype=dtype("model.param_dtype", m.param_dtype),
     scan_layers=m.scan_layers,
+    activation_dtype=None
+    if m.activation_dtype is None
+    else dtype("model.activation_dtype", m.activation_dtype),
+    remat=m.remat,
+    activation_sharding=rows,
     rngs=nnx.Rngs(config.seed),
   )
 
@@ -173,6 +186,31 @@ def create_shardings(
     eval_batches=NamedSharding(mesh, PartitionSpec(None, *batch_spec)),
     replicated=NamedSharding(mesh, PartitionSpec()),
   )
+
+
+class Setup(NamedTuple):
+  """What the job is made of before it touches a device: all from shapes."""
+
+  config: ml_collections.ConfigDict  # resolved
+  mesh: Mesh
+  graphdef: nnx.GraphDef
+  abstract_params: Any
+  param_axes: Any  # the params' logical axis names
+  tx: optax.GradientTransformation
+  shardings: Shardings
+
+
+def setup(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Setup:
+  """The resolved config, the mesh over ``devices`` (by default every device of every
+  process), the model's shapes, the optimizer and the shardings; ConfigError for any that
+  cannot be."""
+  config = resolve_config(config)
+  mesh = partitioning.create_mesh(config.mesh, devices)
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: create_model(config, mesh)))
+  param_axes = nnx.get_partition_spec(abstract_params)
+  tx = optimizers.create_optimizer(config.optimizer, config.num_steps, param_axes)
+  shardings = create_shardings(config, mesh, tx, abstract_params, param_axes)
+  return Setup(config, mesh, graphdef, abstract_params, param_axes, tx, shardings)
 
 
 def make_steps(
@@ -239,7 +277,8 @@ def _fused_head(
   return _cross_entropy(nnx.merge(graphdef, optimizers.join_layers(layers, rest)).logits(x), batch)
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
+def abstract(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of a tree's arrays (or shapes) with those shardings."""
   return jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
   )
@@ -263,12 +302,7 @@ def train_and_evaluate(
   is checked before the workdir is written to (but for its lock file). A
   finished run's workdir is left as it is: its recorded summary is returned.
   """
-  config = resolve_config(config)
-  mesh = partitioning.create_mesh(config.mesh)
-  graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: create_model(config)))
-  param_axes = nnx.get_partition_spec(abstract_params)
-  tx = optimizers.create_optimizer(config.optimizer, config.num_steps, param_axes)
-  shardings = create_shardings(config, mesh, tx, abstract_params, param_axes)
+  config, mesh, graphdef, abstract_params, param_axes, tx, shardings = setup(config)
   data = config.data
   corpus = input_pipeline.load_corpus(
     data.corpus, tuple(data.suffixes), data.max_bytes, data.eval_fraction, data.seq_len + 2
@@ -393,13 +427,12 @@ def _resume(
   if source_config is not None:
     source_opt = source_config.optimizer
     source_tx = optimizers.create_optimizer(source_opt, source_config.num_steps, param_axes)
-    abstract = _abstract(params, shardings.params)
     source_shardings = adafactor_jax.state_shardings(
-      source_tx, params=abstract, param_shardings=shardings.params
+      source_tx, params=abstract(params, shardings.params), param_shardings=shardings.params
     )
   target = {
-    "params": _abstract(params, shardings.params),
-    "opt_state": _abstract(jax.eval_shape(source_tx.init, params), source_shardings),
+    "params": abstract(params, shardings.params),
+    "opt_state": abstract(jax.eval_shape(source_tx.init, params), source_shardings),
     "pending_losses": np.full((config.log_every,), np.nan, np.float32),
   }
   restored = manager.restore(step, args=ocp.args.StandardRestore(target))

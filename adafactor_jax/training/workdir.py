@@ -274,14 +274,16 @@ def upgrade(saved: dict[str, Any]) -> ml_collections.ConfigDict:
   """A run's config.json as this version writes it, from whichever version wrote it: the one
   place that knows the older layouts.
 
-  Before 'optimizer.telemetry' and 'optimizer.warmup_fraction' existed, runs had
-  neither (telemetry off, no fraction). Before the optimizer section held the
-  arguments of the chosen optimizer (by name, config.OPTIMIZERS), it held every
-  optimizer's keys side by side (its mark: both 'epsilon2' and 'b1'), of which
-  the trainer passed the chosen one's, optax.adafactor's under other names
-  (epsilon1, momentum_dtype) and Adafactor's min_dim_size_to_factor as 128,
-  which is the library's None; the others were ignored.
+  Before 'optimizer.telemetry' and 'optimizer.warmup_fraction' existed, runs had neither
+  (telemetry off, no fraction); before 'model.activation_dtype' and 'model.remat', the
+  layers computed in the parameters' dtype, without remat. Before the optimizer section held
+  the arguments of the chosen optimizer (by name, config.OPTIMIZERS), it held every
+  optimizer's keys side by side (its mark: both 'epsilon2' and 'b1'), of which the trainer
+  passed the chosen one's, optax.adafactor's under other names (epsilon1, momentum_dtype)
+  and Adafactor's min_dim_size_to_factor as 128, which is the library's None; the others
+  were ignored.
   """
+  model = {"activation_dtype": None, "remat": False, **saved["model"]}
   opt = dict(saved["optimizer"])
   opt.setdefault("telemetry", False)
   opt.setdefault("warmup_fraction", 0.0)
@@ -294,4 +296,4 @@ def upgrade(saved: dict[str, Any]) -> ml_collections.ConfigDict:
     opt = {k: v for k, v in opt.items() if k in TRAINER_KEYS} | {
       k: opt.get(k, default) for k, default in arguments.items()
     }
-  return ml_collections.ConfigDict({**saved, "optimizer": opt})
+  return ml_collections.ConfigDict({**saved, "model": model, "optimizer": opt})
