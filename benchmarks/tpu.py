@@ -17,13 +17,15 @@ figures for small leaves exceed the HBM traffic (even SGD's).
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
-import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
+
+from adafactor_jax.training import compile_only
+from adafactor_jax.training.compile_only import TopologyError, libtpu_version
+
+__all__ = ["TopologyError", "devices", "libtpu_version", "on_device", "figures", "compile_for"]
 
 TOPOLOGIES = ("v5e:2x2", "v4:2x2x1", "v5p:2x2x1", "v6e:2x2")
 """The topologies the benchmarks compile for by default, one of each chip."""
@@ -31,39 +33,12 @@ TOPOLOGIES = ("v5e:2x2", "v4:2x2x1", "v5p:2x2x1", "v6e:2x2")
 CHIPS = {"v5e": "TPU v5e", "v4": "TPU v4", "v5p": "TPU v5p", "v6e": "TPU v6e"}
 
 
-class TopologyError(ValueError):
-  """A topology that cannot be compiled for here, with the one line that says why."""
-
-
-def libtpu_version() -> str | None:
-  """The installed libtpu's version, or None when it is not installed."""
-  try:
-    return importlib.metadata.version("libtpu")
-  except importlib.metadata.PackageNotFoundError:
-    return None
-
-
 def devices(topology: str) -> list[Any]:
   """The devices of a TPU topology such as 'v5e:2x2', for compiling only.
 
   Raises TopologyError, with one line, when libtpu is missing or the name is unknown.
   """
-  if importlib.util.find_spec("libtpu") is None:
-    raise TopologyError(
-      f"--topology {topology}: compiling for a TPU needs libtpu: pip install -e '.[tpu]'."
-    )
-  # libtpu locks a file so that one process at a time drives a TPU; compiling drives none.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies
-
-  try:
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
-  except Exception as error:  # libtpu's errors are of several types, all one line here
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    raise TopologyError(
-      f"--topology {topology}: not a TPU topology libtpu {libtpu_version()} knows "
-      f"(e.g. {', '.join(TOPOLOGIES)}): {first}"
-    ) from None
+  return compile_only.topology_devices(topology)
 
 
 def on_device(tree: Any, device: Any) -> Any:

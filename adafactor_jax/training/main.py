@@ -21,6 +21,14 @@ with the same flags but its own ``--process_id``::
 
   adafactor-train --coordinator_address HOST:PORT --num_processes N --process_id I ...
   adafactor-train --distributed ...        # a TPU pod or a cluster: JAX finds the processes
+
+Whether a run fits a TPU pod, on a machine without one (``pip install -e '.[tpu]'``)::
+
+  adafactor-train --config decoder_8b --topology v5e:16x16 --compile_only [--num_slices N]
+
+compiles the run's train step for the topology, prints its memory per chip and writes
+``compile.json`` to the workdir (and nothing else); it exits 2, with one line saying what
+would help, when the step does not fit.
 """
 
 from __future__ import annotations
@@ -33,8 +41,8 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
+from adafactor_jax.training import compile_only, input_pipeline, partitioning, train
 from adafactor_jax.training import config as config_lib
-from adafactor_jax.training import input_pipeline, partitioning, train
 
 PROG = "adafactor-train"
 HELP = {"-h", "--help", "--helpshort", "--helpfull"}
@@ -64,6 +72,22 @@ def _flags(argv: list[str], config: object, workdir: str) -> flags.FlagValues:
     False,
     "Several processes that JAX discovers itself (TPU pod, SLURM, Open MPI, ...).",
     flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "compile_only",
+    False,
+    "Compile the train step (for --topology, else for the devices here), print its memory per "
+    "chip, write compile.json to the workdir, and stop: exit 0 when it fits, 2 when it does not.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "topology",
+    None,
+    "With --compile_only: a TPU topology to compile for, e.g. v5e:16x16 (needs libtpu).",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "num_slices", 1, "With --topology: how many slices of it (multislice).", flag_values=fv
   )
   flags.DEFINE_integer(
     "initialization_timeout",
@@ -100,6 +124,19 @@ def main(argv: list[str] | None = None) -> int:
   for key in unset:
     config_lib.set_config_value(fv.config, key, None)
   distributed = (fv.coordinator_address, fv.num_processes, fv.process_id)
+  if not fv.compile_only and (fv.topology is not None or fv["num_slices"].present):
+    return _fail(
+      "--topology and --num_slices name devices to compile for, not to train on: add "
+      "--compile_only."
+    )
+  if fv.compile_only and (fv.distributed or any(x is not None for x in distributed)):
+    return _fail("--compile_only runs in one process: drop the multi-process flags.")
+  if fv.compile_only:
+    try:
+      compile_only.main(fv.config, fv.workdir, fv.topology, fv.num_slices)
+    except (config_lib.ConfigError, compile_only.DoesNotFit) as e:
+      return _fail(str(e))
+    return 0
   try:
     if fv.distributed or any(x is not None for x in distributed):
       if fv.distributed and any(x is not None for x in distributed):

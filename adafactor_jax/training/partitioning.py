@@ -28,6 +28,9 @@ def create_mesh(mesh: ml_collections.ConfigDict, devices: Sequence[Any] | None =
   Raises:
     ConfigError: when the sizes do not use exactly the devices there are.
   """
+  where = f"{jax.process_count()} process(es) x {jax.local_device_count()} local devices"
+  if devices is not None:
+    where = f"the topology's {devices[0].device_kind} devices"
   devices = list(jax.devices() if devices is None else devices)
   count = len(devices)
   sizes = {axis: mesh[axis] for axis in MESH_AXES}
@@ -38,8 +41,7 @@ def create_mesh(mesh: ml_collections.ConfigDict, devices: Sequence[Any] | None =
   if math.prod(sizes.values()) != count:
     given = ", ".join(f"'mesh.{axis}' = {mesh[axis]}" for axis in MESH_AXES)
     raise ConfigError(
-      f"config keys {given} do not make a mesh of the {count} device(s) there are "
-      f"({jax.process_count()} process(es) x {jax.local_device_count()} local devices): "
+      f"config keys {given} do not make a mesh of the {count} device(s) there are ({where}): "
       "their product must be the device count (-1 takes all the remaining devices)."
     )
   shape = tuple(sizes[axis] for axis in MESH_AXES)
