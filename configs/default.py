@@ -79,6 +79,11 @@ def get_config() -> ml_collections.ConfigDict:
   # at most one layer's gradient exists at a time: needs model.scan_layers and an optimizer
   # that updates each parameter from its own gradient ("adafactor", no skip_nonfinite).
   opt.fused_backward = False
+  # Clip the gradient by its global norm before the optimizer (optax.clip_by_global_norm), as
+  # nanoGPT and MaxText clip AdamW's at 1.0; any optimizer; None: no clipping. The job records
+  # the global norm before clipping (and, with this key, the share of steps clipped) every
+  # log_every steps. Not with fused_backward, whose step never holds the whole gradient.
+  opt.clip_global_norm = config_dict.placeholder(float)
   opt.stochastic_rounding = False  # round bfloat16/float16 params stochastically, any optimizer
   opt.rounding_seed = 0
   # Record the figures each step computes anyway (adafactor_jax.telemetry): RMS(U), clipping,

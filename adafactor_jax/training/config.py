@@ -301,6 +301,12 @@ def _check_fused_backward(config: ml_collections.ConfigDict) -> None:
       "cannot switch optimizers mid-run ('optimizer.switch_from'): its state is kept per "
       "layer, which warm_start_state does not convert into"
     )
+  elif opt.clip_global_norm is not None:
+    cannot = (
+      "cannot clip by the global norm ('optimizer.clip_global_norm'): each layer is updated "
+      "from its own gradient before the next layer's exists, so the whole gradient's norm is "
+      "never known"
+    )
   if cannot:
     raise ConfigError(f"config key 'optimizer.fused_backward' {cannot}.")
 

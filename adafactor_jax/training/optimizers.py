@@ -96,10 +96,14 @@ def create_optimizer(
   that shard the parameters, rather than by their shapes; telemetry; stochastic
   rounding (chained after an optimizer that does not take it); and
   ``optimizer.weight_decay`` as ``optax.adamw``'s, in whatever form the
-  optimizer takes it. With ``optimizer.fused_backward``, a :class:`Layerwise`
-  optimizer: the fused step's.
+  optimizer takes it. With ``optimizer.clip_global_norm``, the optimizer is
+  ``optax.chain(optax.clip_by_global_norm(c), optimizer)``. With
+  ``optimizer.fused_backward``, a :class:`Layerwise` optimizer: the fused step's.
   """
   lr = learning_rate_schedule(opt, num_steps)
+  clip = opt.clip_global_norm
+  if clip is not None and not clip > 0:
+    raise ConfigError(f"config key 'optimizer.clip_global_norm' must be > 0 or None, got {clip!r}.")
   arguments = optimizer_arguments(opt.name)
   for key in opt:
     if key not in TRAINER_KEYS:
@@ -118,6 +122,8 @@ def create_optimizer(
     tx = function(**arguments, **{k: v for k, v in supplied.items() if k in takes})
     if opt.stochastic_rounding and "stochastic_rounding" not in takes:
       tx = optax.chain(tx, adafactor_jax.stochastic_rounding(opt.rounding_seed))
+    if opt.clip_global_norm is not None:  # stateless: warm starts find the optimizer's state
+      tx = optax.chain(optax.clip_by_global_norm(opt.clip_global_norm), tx)
     return layerwise(tx) if opt.fused_backward else tx
   except ConfigError:
     raise

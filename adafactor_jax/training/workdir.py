@@ -274,8 +274,9 @@ def upgrade(saved: dict[str, Any]) -> ml_collections.ConfigDict:
   """A run's config.json as this version writes it, from whichever version wrote it: the one
   place that knows the older layouts.
 
-  Before 'optimizer.telemetry' and 'optimizer.warmup_fraction' existed, runs had
-  neither (telemetry off, no fraction). Before the optimizer section held the
+  Before 'optimizer.telemetry', 'optimizer.warmup_fraction' and
+  'optimizer.clip_global_norm' existed, runs had none of them (telemetry off, no
+  fraction, no clipping by the global norm). Before the optimizer section held the
   arguments of the chosen optimizer (by name, config.OPTIMIZERS), it held every
   optimizer's keys side by side (its mark: both 'epsilon2' and 'b1'), of which
   the trainer passed the chosen one's, optax.adafactor's under other names
@@ -285,6 +286,7 @@ def upgrade(saved: dict[str, Any]) -> ml_collections.ConfigDict:
   opt = dict(saved["optimizer"])
   opt.setdefault("telemetry", False)
   opt.setdefault("warmup_fraction", 0.0)
+  opt.setdefault("clip_global_norm", None)
   if "epsilon2" in opt and "b1" in opt and opt["name"] in OPTIMIZERS:
     if opt["name"] == "optax_adafactor":
       opt["eps"], opt["dtype_momentum"] = opt["epsilon1"], opt["momentum_dtype"]
