@@ -57,8 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
     ("joined_kv", "model"),
   )
 
-  # `name` picks the optimizer: "adafactor" (adafactor_jax.adafactor), "big_vision" or "t5x"
-  # (adafactor_jax.presets), "adamw" (optax.adamw) or "optax_adafactor" (optax.adafactor).
+  # `name` picks the optimizer: "adafactor" (adafactor_jax.adafactor), "big_vision", "t5x" or
+  # "stable_adamw" (adafactor_jax.presets), "adamw" (optax.adamw) or "optax_adafactor"
+  # (optax.adafactor).
   # Besides the keys below, the trainer's, the section holds keyword arguments of that function
   # (e.g. decay_rate, clipping_threshold, momentum, momentum_dtype for "adafactor"; b1, b2 for
   # "adamw"): every one left out takes the function's default, and config.json records it. A key

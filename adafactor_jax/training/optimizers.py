@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec
 
 import adafactor_jax
 from adafactor_jax.training.config import (
+  ADAM_OPTIMIZERS,
   OPTIMIZERS,
   TRAINER_KEYS,
   ConfigError,
@@ -29,8 +30,8 @@ from adafactor_jax.training.config import (
   optimizer_arguments,
 )
 
-# The optimizers of optax, which record no telemetry.
-WITHOUT_TELEMETRY = ("adamw", "optax_adafactor")
+# The optimizers that record no telemetry: optax's, and StableAdamW (an AdamW).
+WITHOUT_TELEMETRY = ("adamw", "optax_adafactor", "stable_adamw")
 
 
 def warmup_steps(steps: int, fraction: float, num_steps: int) -> int:
@@ -144,7 +145,7 @@ def _supplied(
       f" 'optimizer.name' {opt.name!r} records none: pass --config.optimizer.telemetry=False "
       "(configs/adamw.py does)."
     )
-  if lr is None and opt.name in WITHOUT_TELEMETRY:  # optax's need one
+  if lr is None and opt.name in WITHOUT_TELEMETRY:  # optax's and StableAdamW need one
     raise ConfigError(f"config key 'optimizer.learning_rate' is required for {opt.name}.")
   factor_dims = None
   if param_axes is not None and arguments.get("factored", True):
@@ -166,8 +167,9 @@ def _supplied(
     "telemetry": opt.telemetry,
     "stochastic_rounding": opt.stochastic_rounding,
     "rounding_seed": opt.rounding_seed,
-    # optax.adamw's own weight decay (whose None is 0), and big_vision's, are the key's.
-    "weight_decay": decay if decay is not None or opt.name != "adamw" else 0.0,
+    # optax.adamw's own weight decay (whose None is 0), StableAdamW's and big_vision's, are the
+    # key's.
+    "weight_decay": decay if decay is not None or opt.name not in ADAM_OPTIMIZERS else 0.0,
     # The library's weight_decay_rate is not multiplied by the step size.
     "weight_decay_rate": None if decay is None else (lambda count: decay * step_size(count)),
   }
@@ -240,7 +242,8 @@ def switched_state(
   """
   if not opt.warm_start:
     return tx.init(params)
-  betas = {"b1": source_opt.b1, "b2": source_opt.b2} if source_opt.name == "adamw" else {}
+  adam = source_opt.name in ADAM_OPTIMIZERS
+  betas = {"b1": source_opt.b1, "b2": source_opt.b2} if adam else {}
   try:
     return adafactor_jax.warm_start_state(tx, params=params, source_state=source_state, **betas)
   except ValueError as e:

@@ -77,6 +77,7 @@ def test_every_shipped_config_resolves_and_builds_its_optimizer():
     ("t5x", 3e-3, 3e-3),
     ("big_vision", 3e-3, 3e-3),
     ("adamw", 3e-3, 3e-3),
+    ("stable_adamw", 3e-3, 3e-3),  # a zero gradient: RMS 0, nothing clipped
   ],
 )
 def test_weight_decay_means_adamws_for_every_optimizer(name, learning_rate, step_size):
@@ -87,7 +88,7 @@ def test_weight_decay_means_adamws_for_every_optimizer(name, learning_rate, step
     "name": name,
     "learning_rate": learning_rate,
     "weight_decay": 0.1,
-    "telemetry": name != "adamw",
+    "telemetry": name not in optimizers.WITHOUT_TELEMETRY,
     "schedule": "constant",  # the first step at the full learning rate
     "warmup_fraction": 0.0,
   }
@@ -309,3 +310,59 @@ def test_a_clipped_optimizers_state_converts_and_shards_as_the_unclipped_ones():
     clipped_adafactor, params=params, param_shardings=jax.tree.map(lambda _: sharding, params)
   )
   assert jax.tree.structure(shardings) == jax.tree.structure(clipped_adafactor.init(params))
+
+
+# --------------------------------------------------------------------------- stable_adamw
+
+
+def test_stable_adamw_in_the_job_is_the_preset_with_the_sections_arguments():
+  """--config.optimizer.name=stable_adamw: the preset at its own b2 (0.99), with the job's
+  schedule, 'optimizer.weight_decay' (None: 0, as for adamw) and the section's arguments."""
+  params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(16, 8)), jnp.float32)}
+  grads = [jax.tree.map(lambda x, s=s: s * jnp.cos(x + s), params) for s in (0.1, 3.0, 0.5)]
+  for changes, expected in (
+    ({}, {"weight_decay": 0.0}),
+    ({"weight_decay": 0.1, "clipping_threshold": 0.5}, {"weight_decay": 0.1}),
+  ):
+    opt, tx = _optimizer("stable_adamw", **changes)
+    assert opt.b2 == 0.99 and opt.clipping_threshold == changes.get("clipping_threshold", 1.0)
+    preset = adafactor_jax.presets.stable_adamw(
+      1e-2, **expected, clipping_threshold=opt.clipping_threshold
+    )
+    states = tx.init(params), preset.init(params)
+    for g in grads:
+      (got, state), (want, preset_state) = (
+        tx.update(g, states[0], params),
+        preset.update(g, states[1], params),
+      )
+      states = state, preset_state
+      np.testing.assert_array_equal(got["w"], want["w"])
+
+
+def test_a_switch_from_stable_adamw_reads_its_adam_state_with_its_own_b2():
+  params = {"w": jnp.ones((256, 128))}
+  grads = {"w": jnp.full((256, 128), 0.1)}
+  stable_opt, stable_tx = _optimizer("stable_adamw")
+  _, source_state = stable_tx.update(grads, stable_tx.init(params), params)
+  adafactor_opt, adafactor_tx = _optimizer("adafactor", momentum=0.9)
+  warm = optimizers.switched_state(adafactor_opt, stable_opt, adafactor_tx, params, source_state)
+  expected = adafactor_jax.warm_start_state(
+    adafactor_tx, params=params, source_state=source_state, b1=0.9, b2=0.99
+  )
+  for got, want in zip(jax.tree.leaves(warm), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_array_equal(got, want)
+  # optax's default b2 (0.999) would debias v by 1 - 0.999 instead of 1 - 0.99: 10x off.
+  other = adafactor_jax.warm_start_state(adafactor_tx, params=params, source_state=source_state)
+  assert not all(
+    np.array_equal(a, b) for a, b in zip(jax.tree.leaves(warm), jax.tree.leaves(other), strict=True)
+  )
+
+
+def test_a_warm_switch_into_stable_adamw_is_refused():
+  config = default.get_config()
+  config.optimizer.name, config.optimizer.telemetry = "stable_adamw", False
+  config.optimizer.switch_from = "adamw"
+  with pytest.raises(config_lib.ConfigError, match=r"'optimizer.name' is 'stable_adamw': pass"):
+    config_lib.resolve_config(config)
+  config.optimizer.warm_start = False
+  config_lib.resolve_config(config)
