@@ -3,25 +3,31 @@
 Each preset returns an `optax.GradientTransformation` whose update equals (or,
 where noted, closely approximates) what the named system computes, so that a
 run can move here without changing its numerics. Differences that remain are
-listed in each docstring. Each also takes ``telemetry``, as
+listed in each docstring. Each Adafactor preset also takes ``telemetry``, as
 :func:`adafactor_jax.adafactor` does (read with :func:`adafactor_jax.telemetry`).
 
 ``paper``, ``t5x``, ``hf_transformers`` and ``torch_adafactor`` are
 :func:`adafactor_jax.adafactor` called with only the arguments that differ from
 its defaults (translated from the other system's names); ``big_vision``, whose
 momentum comes before the learning rate, is a chain of the transformations.
+``stable_adamw`` is AdamW with Adafactor's update clipping (Wortsman et al.
+2023): optax's Adam moments and decoupled weight decay, clipped per tensor by
+:func:`adafactor_jax.clipping.rms` of the gradient Adam's second moment
+preconditions, then :func:`adafactor_jax.scale_by_learning_rate`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from adafactor_jax import _checks, schedules
 from adafactor_jax.alias import adafactor
-from adafactor_jax.factored import scale_by_factored_rms
+from adafactor_jax.clipping import rms
+from adafactor_jax.factored import scale_by_factored_rms, widen
 from adafactor_jax.momentum import ema_momentum
 from adafactor_jax.scaling import scale_by_learning_rate
 
@@ -244,3 +250,114 @@ def torch_adafactor(
     maximize=maximize,
     telemetry=telemetry,
   )
+
+
+def stable_adamw(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  b1: float = 0.9,
+  b2: float = 0.99,
+  eps: float = 1e-8,
+  weight_decay: optax.ScalarOrSchedule = 1e-4,
+  weight_decay_mask: Any = None,
+  clipping_threshold: float = 1.0,
+) -> optax.GradientTransformation:
+  r"""StableAdamW (Wortsman et al. 2023, Algorithm 1): AdamW with Adafactor's update clipping.
+
+  Per tensor (each parameter as a whole), with :math:`\alpha_t` the learning rate:
+
+  .. math::
+    \hat m_t = \frac{m_t}{1 - \beta_1^t},\quad
+    \hat v_t = \frac{v_t}{1 - \beta_2^t},\quad
+    \mathrm{RMS}_t = \sqrt{\operatorname{mean}\Big(\frac{g_t^2}{\max(\hat v_t,
+    \epsilon^2)}\Big)},\quad
+    \eta_t = \frac{\alpha_t}{\max(1, \mathrm{RMS}_t / d)},
+
+  .. math::
+    \theta_t = \theta_{t-1} - \eta_t \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
+    - \eta_t \lambda \theta_{t-1},
+
+  with :math:`m_t, v_t` Adam's moving averages of :math:`g_t` and :math:`g_t^2`
+  (``optax.scale_by_adam``'s). The paper writes the bias correction into the
+  averages (:math:`\hat\beta_2 = \beta_2 (1 - \beta_2^{t-1}) / (1 - \beta_2^t)`),
+  which makes its :math:`u_t` this :math:`\hat v_t`: the RMS is taken with the
+  bias-corrected second moment, which includes :math:`g_t`. :math:`\epsilon` is
+  added to :math:`\sqrt{\hat v_t}` in the step, as in Adam, and bounds
+  :math:`\hat v_t` from below by :math:`\epsilon^2` in the RMS (the paper's
+  :math:`\sqrt{E[g_t^2 / u_t]}`; the authors' code guards the division so). This is
+  Adafactor's update clipping (:func:`adafactor_jax.clip_by_update_rms`, at
+  :math:`d = 1` in the paper) measured on the gradient preconditioned by Adam's
+  second moment, not on the update that the momentum makes, and applied to the
+  step size, so that the weight decay term is clipped too. Without clipping
+  (:math:`\mathrm{RMS}_t \le d` everywhere) this is ``optax.adamw``.
+
+  Args:
+    learning_rate: :math:`\alpha_t`, a float or an optax schedule.
+    b1: :math:`\beta_1` in [0, 1).
+    b2: :math:`\beta_2` in [0, 1); 0.99, the authors' implementation's default (AdamW's
+      loss spikes at 0.99 are what the clipping removes in the paper).
+    eps: :math:`\epsilon > 0`; 1e-8, ``optax.adamw``'s.
+    weight_decay: decoupled weight decay :math:`\lambda \ge 0` (a float or a
+      schedule), multiplied by the clipped step :math:`\eta_t`; ``optax.adamw``'s default.
+    weight_decay_mask: tree of bools (or a callable giving one) selecting the
+      parameters to decay, as ``optax.adamw``'s ``mask``.
+    clipping_threshold: :math:`d > 0`, the RMS above which the step is scaled down
+      (1.0 in the paper).
+
+  Returns:
+    An `optax.GradientTransformation` whose state holds ``optax.ScaleByAdamState``
+    (so that :func:`adafactor_jax.warm_start_state` reads it as Adam's).
+
+  References:
+    Wortsman et al., `Stable and low-precision training for large-scale
+    vision-language models <https://arxiv.org/abs/2304.13013>`_, 2023, Algorithm 1.
+  """
+  _checks.check_scalar("b1", b1, low=0.0, high=1.0, high_open=True)
+  _checks.check_scalar("b2", b2, low=0.0, high=1.0, high_open=True)
+  _checks.check_scalar("eps", eps, low=0.0, low_open=True)
+  _checks.check_scalar("weight_decay", weight_decay, low=0.0, allow_schedule=True)
+  _checks.check_scalar("clipping_threshold", clipping_threshold, low=0.0, low_open=True)
+  return optax.chain(
+    _scale_by_stable_adam(b1, b2, eps, clipping_threshold, weight_decay, weight_decay_mask),
+    scale_by_learning_rate(learning_rate, flip_sign=True),
+  )
+
+
+def _scale_by_stable_adam(
+  b1: float,
+  b2: float,
+  eps: float,
+  clipping_threshold: float,
+  weight_decay: optax.ScalarOrSchedule,
+  weight_decay_mask: Any,
+) -> optax.GradientTransformation:
+  """Adam's update plus the decay term, divided per tensor by max(1, RMS_t / d): what
+  :func:`stable_adamw` multiplies by the learning rate. One transformation rather than a
+  chain, because the denominator needs the gradient and Adam's second moment, which a chain
+  hands on to no later transformation."""
+  adam = optax.scale_by_adam(b1, b2, eps)
+  decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
+
+  def init_fn(params: optax.Params) -> tuple[optax.OptState, optax.OptState]:
+    return adam.init(params), decay.init(params)
+
+  def update_fn(
+    updates: optax.Updates,
+    state: tuple[optax.OptState, optax.OptState],
+    params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, tuple[optax.OptState, optax.OptState]]:
+    grads, (adam_state, decay_state) = updates, state
+    updates, adam_state = adam.update(grads, adam_state, params)
+    updates, decay_state = decay.update(updates, decay_state, params)
+    # The v-hat that scale_by_adam divided by: the same count and the same correction.
+    nu_hat = optax.tree.bias_correction(adam_state.nu, b2, adam_state.count)
+
+    def denominator(g: jax.Array, v: jax.Array) -> jax.Array:
+      preconditioned = widen(g) / jnp.sqrt(jnp.maximum(widen(v), eps**2))
+      return jnp.maximum(1.0, rms(preconditioned) / clipping_threshold)
+
+    denominators = jax.tree.map(denominator, grads, nu_hat)
+    clipped = jax.tree.map(lambda u, d: (widen(u) / d).astype(u.dtype), updates, denominators)
+    return clipped, (adam_state, decay_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -62,8 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
     ("joined_kv", "model"),
   )
 
-  # `name` picks the optimizer: "adafactor" (adafactor_jax.adafactor), "big_vision" or "t5x"
-  # (adafactor_jax.presets), "adamw" (optax.adamw) or "optax_adafactor" (optax.adafactor).
+  # `name` picks the optimizer: "adafactor" (adafactor_jax.adafactor), "big_vision", "t5x" or
+  # "stable_adamw" (adafactor_jax.presets), "adamw" (optax.adamw) or "optax_adafactor"
+  # (optax.adafactor).
   # Besides the keys below, the trainer's, the section holds keyword arguments of that function
   # (e.g. decay_rate, clipping_threshold, momentum, momentum_dtype for "adafactor"; b1, b2 for
   # "adamw"): every one left out takes the function's default, and config.json records it. A key
@@ -84,6 +85,11 @@ def get_config() -> ml_collections.ConfigDict:
   # at most one layer's gradient exists at a time: needs model.scan_layers and an optimizer
   # that updates each parameter from its own gradient ("adafactor", no skip_nonfinite).
   opt.fused_backward = False
+  # Clip the gradient by its global norm before the optimizer (optax.clip_by_global_norm), as
+  # nanoGPT and MaxText clip AdamW's at 1.0; any optimizer; None: no clipping. The job records
+  # the global norm before clipping (and, with this key, the share of steps clipped) every
+  # log_every steps. Not with fused_backward, whose step never holds the whole gradient.
+  opt.clip_global_norm = config_dict.placeholder(float)
   opt.stochastic_rounding = False  # round bfloat16/float16 params stochastically, any optimizer
   opt.rounding_seed = 0
   # Record the figures each step computes anyway (adafactor_jax.telemetry): RMS(U), clipping,

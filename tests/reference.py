@@ -208,3 +208,51 @@ def clip_by_rms(u, threshold: float, batch_axes: tuple[int, ...] = ()) -> np.nda
 def parameter_scale(x, epsilon2: float, batch_axes: tuple[int, ...] = ()) -> np.ndarray:
   """Section 8: max(ε2, RMS(X)), per slice along ``batch_axes``, in float64."""
   return np.maximum(epsilon2, slice_rms(x, batch_axes))
+
+
+@dataclass
+class StableAdamW:
+  """StableAdamW in float64, as Algorithm 1 of Wortsman et al. (2023) writes it.
+
+  The bias correction sits in the decay rates, β̂ = β(1 − β^{t−1})/(1 − β^t), so that the
+  averages v_t (of g_t) and u_t (of g_t², the paper's names) are the corrected moments
+  themselves; then, per tensor, RMS_t = sqrt(mean(g_t² / max(u_t, ε²))) (the paper's
+  sqrt(E[g_t²/u_t]), guarded as the authors' code guards it), η_t = α_t / max(1, RMS_t / d),
+  θ_t = θ_{t−1} − η_t λ θ_{t−1} − η_t v_t / (√u_t + ε). ``learning_rate`` is a float or
+  ``step -> α`` with the step counted from 0 (optax's schedules); ``denominators`` holds
+  the last step's max(1, RMS_t / d) per parameter.
+  """
+
+  params: dict
+  learning_rate: float | Callable[[int], float]
+  b1: float = 0.9
+  b2: float = 0.99
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  clipping_threshold: float = 1.0
+  t: int = 0
+  moments: dict = field(default_factory=dict)
+  denominators: dict = field(default_factory=dict)
+
+  def __post_init__(self):
+    self.params = {k: _wide(v) for k, v in self.params.items()}
+    self.moments = {k: (np.zeros_like(x), np.zeros_like(x)) for k, x in self.params.items()}
+
+  def step(self, grads: dict) -> None:
+    self.t += 1
+    t = self.t
+    b1_hat = self.b1 * (1 - self.b1 ** (t - 1)) / (1 - self.b1**t)
+    b2_hat = self.b2 * (1 - self.b2 ** (t - 1)) / (1 - self.b2**t)
+    alpha = self.learning_rate(t - 1) if callable(self.learning_rate) else self.learning_rate
+    for name, g in grads.items():
+      g, theta = _wide(g), self.params[name]
+      v, u = self.moments[name]
+      v = b1_hat * v + (1 - b1_hat) * g
+      u = b2_hat * u + (1 - b2_hat) * g * g
+      self.moments[name] = v, u
+      rms = np.sqrt(np.mean(g * g / np.maximum(u, self.eps**2)))
+      denominator = self.denominators[name] = max(1.0, rms / self.clipping_threshold)
+      eta = float(alpha) / denominator
+      self.params[name] = (
+        theta - eta * self.weight_decay * theta - eta * v / (np.sqrt(u) + self.eps)
+      )

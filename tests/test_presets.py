@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import adafactor_jax
 from adafactor_jax import presets, schedules
@@ -16,7 +17,7 @@ from tests.conftest import (
   run_accumulating_float64,
   run_optax,
 )
-from tests.reference import Options, Reference
+from tests.reference import Options, Reference, StableAdamW
 
 STEPS = 6
 
@@ -114,3 +115,84 @@ def test_torch_adafactor():
   updates, _ = jax.jit(tx.update)(jnp.ones(4), tx.init(x), x)
   # torch: x ← x(1 - lr λ) - min(lr, 1)·max(1e-3, RMS(x))·U, with U = 1.
   np.testing.assert_allclose(updates, -(1e-2 * 0.5) - 1e-2, rtol=1e-5)
+
+
+def _stable_adamw_case(steps: int = 8) -> tuple[dict, list[dict]]:
+  """A scalar, a vector and a matrix whose gradients' scale jumps from step to step (so that
+  the second moment lags behind some of them), and a vector whose gradient is always zero
+  (Adam's second moment stays 0: the eps^2 floor keeps the RMS finite)."""
+  rng = np.random.default_rng(3)
+  params = {
+    "scalar": np.asarray(0.7, np.float32),
+    "vector": rng.normal(size=(7,)).astype(np.float32),
+    "matrix": rng.normal(size=(5, 3)).astype(np.float32),
+    "unused": rng.normal(size=(6,)).astype(np.float32),
+  }
+  grads = []
+  for step in range(steps):
+    scale = 10.0 ** rng.uniform(-2, 1) * (30.0 if step == 4 else 1.0)
+    grads.append(
+      {k: (scale * rng.normal(size=p.shape)).astype(np.float32) for k, p in params.items()}
+    )
+    grads[-1]["unused"][:] = 0.0
+  return params, grads
+
+
+def test_stable_adamw_is_algorithm_1_of_wortsman_et_al():
+  """Step by step against the float64 reference of the paper's algorithm (its bias correction
+  written into the decay rates), with weight decay and a schedule: each step's movement of
+  each tensor to 1e-5 of its size. The clipping fires on every tensor with a gradient at some
+  steps and not at others, so both branches are compared."""
+  schedule = optax.linear_schedule(1e-2, 1e-3, 8)
+  params, grads = _stable_adamw_case()
+  tx = presets.stable_adamw(schedule, weight_decay=0.1)
+  reference = StableAdamW(params, schedule, weight_decay=0.1)
+  state = tx.init(jax.tree.map(jnp.asarray, params))
+  update = jax.jit(tx.update)
+  denominators = []
+  for g in grads:
+    current = {k: jnp.asarray(v, jnp.float32) for k, v in reference.params.items()}
+    updates, state = update(jax.tree.map(jnp.asarray, g), state, current)
+    start = dict(reference.params)
+    reference.step(g)
+    denominators.append(dict(reference.denominators))
+    for name, x in start.items():
+      expected = reference.params[name] - x
+      error = np.linalg.norm(np.asarray(updates[name], np.float64) - expected)
+      assert error < 1e-5 * np.linalg.norm(expected), (name, len(denominators), denominators)
+  clipped = {name for step in denominators for name, d in step.items() if d > 1}
+  assert clipped == {"scalar", "vector", "matrix"}, denominators
+  assert sum(d > 1 for step in denominators for d in step.values()) < 3 * len(grads)
+
+
+def test_stable_adamw_divides_adamws_step_by_the_rms_of_the_preconditioned_gradient():
+  """Five equal gradients (g/sqrt(v-hat) = 1: no clipping, the same state as optax.adamw's),
+  then one 10x larger: its update is optax.adamw's, weight decay included, divided by
+  RMS(g / sqrt(v-hat)) computed here in float64 from Adam's averages."""
+  b2, wd, lr = 0.99, 0.1, 1e-2
+  x = jnp.asarray(np.linspace(-1.0, 1.0, 12), jnp.float32)
+  g = jnp.asarray(np.linspace(0.5, 2.0, 12), jnp.float32)
+  stable, adamw = (
+    presets.stable_adamw(lr, b2=b2, weight_decay=wd),
+    optax.adamw(lr, b2=b2, weight_decay=wd),
+  )
+  stable_state, adamw_state = stable.init(x), adamw.init(x)
+  for grad in [g] * 5 + [10 * g]:
+    stable_update, stable_state = stable.update(grad, stable_state, x)
+    adamw_update, adamw_state = adamw.update(grad, adamw_state, x)
+  g64 = np.asarray(g, np.float64)
+  nu = sum((1 - b2) * b2 ** (5 - s) * g64**2 for s in range(5)) + (1 - b2) * (10 * g64) ** 2
+  rms = np.sqrt(np.mean((10 * g64) ** 2 / (nu / (1 - b2**6))))
+  assert rms > 2  # v-hat holds a sixth of the 100x larger square: RMS 2.36
+  np.testing.assert_allclose(stable_update, np.asarray(adamw_update) / rms, rtol=1e-5)
+
+
+def test_stable_adamw_refuses_bad_arguments():
+  for kwargs, name in (
+    ({"b2": 1.0}, "b2"),
+    ({"eps": 0.0}, "eps"),
+    ({"clipping_threshold": 0.0}, "clipping_threshold"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+  ):
+    with pytest.raises(ValueError, match=name):
+      presets.stable_adamw(1e-3, **kwargs)

@@ -16,8 +16,9 @@ Suites:
   paper's defaults, started cold and warm (``--config.optimizer.switch_from``): the jump in
   train loss after the switch, against AdamW going on.
 * ``fair``: every optimizer under one protocol (:mod:`adafactor_jax.training.sweep`):
-  learning-rate sweeps extended until bracketed, the best rerun on 3 seeds, the band of
-  near-best learning rates; Adafactor at the paper's defaults as the untuned reference.
+  learning-rate sweeps on seed 0 extended until bracketed, the best rerun on seeds 1, 2 and 3
+  (reported, with Welch's t-test of each row against the best AdamW), the band of near-best
+  learning rates; Adafactor at the paper's defaults as the untuned reference.
 
 ``--config.<key>=<value>`` sets a key of every run's config, as for
 ``adafactor-train``. Each run has its own workdir under ``--workdir``;

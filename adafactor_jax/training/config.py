@@ -39,7 +39,11 @@ OPTIMIZERS = {
   "t5x": adafactor_jax.presets.t5x,
   "adamw": optax.adamw,
   "optax_adafactor": optax.adafactor,
+  "stable_adamw": adafactor_jax.presets.stable_adamw,
 }
+# The optimizers whose state is Adam's (optax.ScaleByAdamState): a switch warm-starts from
+# them, with their own b1 and b2, but not into them (warm_start_state makes an Adafactor).
+ADAM_OPTIMIZERS = ("adamw", "stable_adamw")
 # Arguments the trainer passes from its own keys (optimizers.create_optimizer): the learning
 # rate schedule, factored axes by the params' logical names, telemetry, rounding, and
 # 'optimizer.weight_decay' as the weight decay each optimizer takes.
@@ -266,10 +270,11 @@ def _check_switch(opt: ml_collections.ConfigDict) -> None:
       f"one of {tuple(OPTIMIZERS)} other than 'optimizer.name' ({opt.name!r}), got "
       f"{opt.switch_from!r}."
     )
-  if opt.warm_start and opt.name == "adamw":
+  if opt.warm_start and opt.name in ADAM_OPTIMIZERS:
     raise ConfigError(
       "config key 'optimizer.warm_start' converts the state into an Adafactor of this library; "
-      "'optimizer.name' is 'adamw': pass --config.optimizer.warm_start=False for a cold start."
+      f"'optimizer.name' is {opt.name!r}: pass --config.optimizer.warm_start=False for a cold "
+      "start."
     )
 
 
@@ -300,6 +305,12 @@ def _check_fused_backward(config: ml_collections.ConfigDict) -> None:
     cannot = (
       "cannot switch optimizers mid-run ('optimizer.switch_from'): its state is kept per "
       "layer, which warm_start_state does not convert into"
+    )
+  elif opt.clip_global_norm is not None:
+    cannot = (
+      "cannot clip by the global norm ('optimizer.clip_global_norm'): each layer is updated "
+      "from its own gradient before the next layer's exists, so the whole gradient's norm is "
+      "never known"
     )
   if cannot:
     raise ConfigError(f"config key 'optimizer.fused_backward' {cannot}.")

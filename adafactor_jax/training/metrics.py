@@ -1,5 +1,7 @@
-"""What a run records as it goes: metrics.jsonl's optimizer aggregates, plots, TensorBoard.
+"""What a run records as it goes: metrics.jsonl's gradient and optimizer figures, plots,
+TensorBoard.
 
+``gradient_aggregates`` summarizes the global gradient norms of a log window;
 ``optimizer_aggregates`` summarizes ``adafactor_jax.telemetry(opt_state)`` at log
 steps; ``plot_losses`` and ``plot_optimizer`` draw ``loss.png`` and
 ``optimizer.png``; :class:`EventWriter` writes TensorBoard's event files.
@@ -77,6 +79,27 @@ CLIPPING_DENOMINATOR = "clipping_denominator"
 PER_STEP_FIGURES = ("step_size", "beta2", "skipped_steps")
 
 
+def gradient_aggregates(norms: np.ndarray, clip_global_norm: float | None) -> dict[str, float]:
+  """A log window's summary of the global gradient norm before clipping, for metrics.jsonl.
+
+  ``grad_norm`` is the norm's mean over the window's steps (as ``train_loss`` is
+  the loss's), ``grad_norm_max`` its largest; with ``optimizer.clip_global_norm``
+  = c, ``grad_clipped_fraction`` is the share of the window's steps that
+  ``optax.clip_by_global_norm`` scaled down: those whose norm (float32) was not
+  below c.
+  """
+  norms = np.asarray(norms, np.float32)
+  if not norms.size:
+    return {}
+  aggregates = {
+    "grad_norm": float(np.mean(norms, dtype=np.float64)),
+    "grad_norm_max": float(np.max(norms)),
+  }
+  if clip_global_norm is not None:
+    aggregates["grad_clipped_fraction"] = float(np.mean(~(norms < np.float32(clip_global_norm))))
+  return aggregates
+
+
 def optimizer_aggregates(figures: dict[str, Any], param_sizes: dict[str, int]) -> dict[str, float]:
   """The run-level summary of ``adafactor_jax.telemetry(opt_state)``, for metrics.jsonl.
 
@@ -148,11 +171,18 @@ def under_blocks(figures: dict[str, Any], block_paths: set[str]) -> dict[str, An
 
 
 def tensorboard_scalars(
-  train_loss: float, aggregates: dict[str, float], figures: dict[str, Any]
+  train_loss: float,
+  aggregates: dict[str, float],
+  figures: dict[str, Any],
+  gradient: dict[str, float] | None = None,
 ) -> dict[str, float]:
-  """A log step's scalars by TensorBoard tag: the loss, the aggregates under ``optimizer/``,
+  """A log step's scalars by TensorBoard tag: the loss, the gradient's figures under
+  ``gradient/`` (``grad_norm`` as ``gradient/norm``), the aggregates under ``optimizer/``,
   and each parameter's figures grouped by figure (``rms_update_before_clipping/<path>``)."""
   scalars = {"loss/train": train_loss}
+  scalars.update(
+    {f"gradient/{key.removeprefix('grad_')}": value for key, value in (gradient or {}).items()}
+  )
   scalars.update({f"optimizer/{key}": value for key, value in aggregates.items()})
   for name, value in figures.items():
     path, _, figure = name.rpartition("/")

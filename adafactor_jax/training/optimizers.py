@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec
 
 import adafactor_jax
 from adafactor_jax.training.config import (
+  ADAM_OPTIMIZERS,
   OPTIMIZERS,
   TRAINER_KEYS,
   ConfigError,
@@ -29,8 +30,8 @@ from adafactor_jax.training.config import (
   optimizer_arguments,
 )
 
-# The optimizers of optax, which record no telemetry.
-WITHOUT_TELEMETRY = ("adamw", "optax_adafactor")
+# The optimizers that record no telemetry: optax's, and StableAdamW (an AdamW).
+WITHOUT_TELEMETRY = ("adamw", "optax_adafactor", "stable_adamw")
 
 
 def warmup_steps(steps: int, fraction: float, num_steps: int) -> int:
@@ -96,10 +97,14 @@ def create_optimizer(
   that shard the parameters, rather than by their shapes; telemetry; stochastic
   rounding (chained after an optimizer that does not take it); and
   ``optimizer.weight_decay`` as ``optax.adamw``'s, in whatever form the
-  optimizer takes it. With ``optimizer.fused_backward``, a :class:`Layerwise`
-  optimizer: the fused step's.
+  optimizer takes it. With ``optimizer.clip_global_norm``, the optimizer is
+  ``optax.chain(optax.clip_by_global_norm(c), optimizer)``. With
+  ``optimizer.fused_backward``, a :class:`Layerwise` optimizer: the fused step's.
   """
   lr = learning_rate_schedule(opt, num_steps)
+  clip = opt.clip_global_norm
+  if clip is not None and not clip > 0:
+    raise ConfigError(f"config key 'optimizer.clip_global_norm' must be > 0 or None, got {clip!r}.")
   arguments = optimizer_arguments(opt.name)
   for key in opt:
     if key not in TRAINER_KEYS:
@@ -118,6 +123,8 @@ def create_optimizer(
     tx = function(**arguments, **{k: v for k, v in supplied.items() if k in takes})
     if opt.stochastic_rounding and "stochastic_rounding" not in takes:
       tx = optax.chain(tx, adafactor_jax.stochastic_rounding(opt.rounding_seed))
+    if opt.clip_global_norm is not None:  # stateless: warm starts find the optimizer's state
+      tx = optax.chain(optax.clip_by_global_norm(opt.clip_global_norm), tx)
     return layerwise(tx) if opt.fused_backward else tx
   except ConfigError:
     raise
@@ -138,7 +145,7 @@ def _supplied(
       f" 'optimizer.name' {opt.name!r} records none: pass --config.optimizer.telemetry=False "
       "(configs/adamw.py does)."
     )
-  if lr is None and opt.name in WITHOUT_TELEMETRY:  # optax's need one
+  if lr is None and opt.name in WITHOUT_TELEMETRY:  # optax's and StableAdamW need one
     raise ConfigError(f"config key 'optimizer.learning_rate' is required for {opt.name}.")
   factor_dims = None
   if param_axes is not None and arguments.get("factored", True):
@@ -160,8 +167,9 @@ def _supplied(
     "telemetry": opt.telemetry,
     "stochastic_rounding": opt.stochastic_rounding,
     "rounding_seed": opt.rounding_seed,
-    # optax.adamw's own weight decay (whose None is 0), and big_vision's, are the key's.
-    "weight_decay": decay if decay is not None or opt.name != "adamw" else 0.0,
+    # optax.adamw's own weight decay (whose None is 0), StableAdamW's and big_vision's, are the
+    # key's.
+    "weight_decay": decay if decay is not None or opt.name not in ADAM_OPTIMIZERS else 0.0,
     # The library's weight_decay_rate is not multiplied by the step size.
     "weight_decay_rate": None if decay is None else (lambda count: decay * step_size(count)),
   }
@@ -234,7 +242,8 @@ def switched_state(
   """
   if not opt.warm_start:
     return tx.init(params)
-  betas = {"b1": source_opt.b1, "b2": source_opt.b2} if source_opt.name == "adamw" else {}
+  adam = source_opt.name in ADAM_OPTIMIZERS
+  betas = {"b1": source_opt.b1, "b2": source_opt.b2} if adam else {}
   try:
     return adafactor_jax.warm_start_state(tx, params=params, source_state=source_state, **betas)
   except ValueError as e:

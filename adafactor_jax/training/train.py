@@ -3,8 +3,9 @@
 ``train_and_evaluate`` runs (or resumes) the job in a workdir, on a
 ('data', 'model') mesh over every device of every process (``config.mesh``);
 one device is a mesh of one. The workdir receives ``config.json``,
-``metrics.jsonl`` (train and eval records; with ``optimizer.telemetry``, the
-train records also summarize the optimizer's telemetry), ``loss.png``,
+``metrics.jsonl`` (train and eval records; the train records hold the global
+gradient norm before any clipping, and with ``optimizer.telemetry`` summarize the
+optimizer's telemetry), ``loss.png``,
 ``optimizer.png``, TensorBoard event files under ``tensorboard/``,
 ``summary.json`` and sharded Orbax checkpoints under ``checkpoints/``; on several
 processes, process 0 alone writes all but the checkpoints, of which each process
@@ -217,7 +218,13 @@ def make_steps(
   graphdef: nnx.GraphDef, tx: optax.GradientTransformation, shardings: Shardings
 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
   """The train step (params and state donated, updated in place) and evaluation, compiled for
-  the shardings."""
+  the shardings.
+
+  The step returns ``(params, opt_state, (loss, grad_norm))``: ``grad_norm`` is the global
+  norm of the gradient before any clipping, the one ``optax.clip_by_global_norm`` compares
+  ('optimizer.clip_global_norm'); NaN for the fused step, which never holds the whole
+  gradient.
+  """
   loss_fn = functools.partial(next_token_loss, graphdef)
 
   @functools.partial(
@@ -226,12 +233,15 @@ def make_steps(
     out_shardings=(shardings.params, shardings.opt_state, shardings.replicated),
     donate_argnums=(0, 1),
   )
-  def train_step(params: Any, opt_state: Any, batch: jax.Array) -> tuple[Any, Any, jax.Array]:
+  def train_step(params: Any, opt_state: Any, batch: jax.Array) -> tuple[Any, Any, Any]:
     if isinstance(tx, optimizers.Layerwise):
-      return fused_step(graphdef, tx.layer_tx, params, opt_state, batch)
+      params, opt_state, loss = fused_step(graphdef, tx.layer_tx, params, opt_state, batch)
+      return params, opt_state, (loss, jnp.full((), jnp.nan, jnp.float32))
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    # One reduction, which XLA shares with clip_by_global_norm's where the optimizer clips.
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, (loss, grad_norm)
 
   @functools.partial(
     jax.jit,
@@ -323,8 +333,8 @@ def train_and_evaluate(
     params = jax.jit(lambda: nnx.state(create_model(config)), out_shardings=shardings.params)()
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     manager = work.checkpoint_manager(config.keep_checkpoints)
-    start, params, opt_state, window, switch = _resume(
-      manager, config, source_config, tx, shardings, params, opt_state, param_axes
+    start, params, opt_state, (window, grad_norms), switch = _resume(
+      manager, work, config, source_config, tx, shardings, params, opt_state, param_axes
     )
     records = work.read_metrics(start) if main_process else []
     records += [switch] if switch else []
@@ -351,12 +361,13 @@ def train_and_evaluate(
         batch = input_pipeline.batch_at(
           corpus.train, data_key, step, data.batch_size, data.seq_len, shardings.batch
         )
-        params, opt_state, loss = train_step(params, opt_state, batch)
+        params, opt_state, (loss, grad_norm) = train_step(params, opt_state, batch)
         if queued is not None:  # wait for the previous step only: the bar's rate is real
           queued.block_until_ready()
           bar.update(1)
         queued = loss
         window.append(loss)
+        grad_norms.append(grad_norm)
         done = step + 1
         last = done == config.num_steps
         if done % config.log_every == 0 or last:
@@ -364,11 +375,16 @@ def train_and_evaluate(
           bar.update(1)
           rate = len(window) / (time.perf_counter() - window_start)
           figures, aggregates = telemetry.read(opt_state)
+          gradient = {}
+          if not config.optimizer.fused_backward:
+            norms = np.asarray(jnp.stack(grad_norms), np.float32)
+            gradient = metrics.gradient_aggregates(norms, config.optimizer.clip_global_norm)
           record = {"step": done, "train_loss": train_loss, "steps_per_sec": rate}
-          records.append({**record, **aggregates})
-          events.scalars(done, metrics.tensorboard_scalars(train_loss, aggregates, figures))
+          records.append({**record, **gradient, **aggregates})
+          scalars = metrics.tensorboard_scalars(train_loss, aggregates, figures, gradient)
+          events.scalars(done, scalars)
           bar.set_postfix(loss=f"{train_loss:.3f}")
-          window, window_start, queued = [], time.perf_counter(), None
+          window, grad_norms, window_start, queued = [], [], time.perf_counter(), None
           if not math.isfinite(train_loss) and not config.optimizer.get("skip_nonfinite"):
             log(f"step {done}: train loss is {train_loss}; the run has diverged.")
         if done % config.eval_every == 0 or last:
@@ -383,7 +399,7 @@ def train_and_evaluate(
           if main_process:
             work.write_metrics(records)
           events.flush()
-          work.save(manager, done, params, opt_state, window, config.log_every)
+          work.save(manager, done, params, opt_state, window, grad_norms, config.log_every)
           window_start = time.perf_counter()
           signum = signum or stop.requested()  # a signal during the write: this step is saved
         if signum:
@@ -407,6 +423,7 @@ def train_and_evaluate(
 
 def _resume(
   manager: ocp.CheckpointManager,
+  work: Workdir,
   config: ml_collections.ConfigDict,
   source_config: ml_collections.ConfigDict | None,
   tx: optax.GradientTransformation,
@@ -414,15 +431,16 @@ def _resume(
   params: Any,
   opt_state: Any,
   param_axes: Any,
-) -> tuple[int, Any, Any, list, dict | None]:
-  """(the step, params, state and unlogged losses to go on from; the switch's record or None).
+) -> tuple[int, Any, Any, tuple[list, list], dict | None]:
+  """(the step, params, state, and unlogged losses and gradient norms to go on from; the
+  switch's record or None).
 
   From the latest checkpoint, if any. It holds the state of the optimizer of
   ``source_config`` when this run switches from it, converted here.
   """
   step = manager.latest_step()
   if step is None:
-    return 0, params, opt_state, [], None
+    return 0, params, opt_state, ([], []), None
   source_tx, source_shardings = tx, shardings.opt_state
   if source_config is not None:
     source_opt = source_config.optimizer
@@ -435,11 +453,17 @@ def _resume(
     "opt_state": abstract(jax.eval_shape(source_tx.init, params), source_shardings),
     "pending_losses": np.full((config.log_every,), np.nan, np.float32),
   }
+  # A checkpoint from before the job recorded gradient norms has none: the window's record
+  # then summarizes the norms of the steps after the resume alone.
+  if "pending_grad_norms" in work.checkpoint_items:
+    target["pending_grad_norms"] = np.full((config.log_every,), np.nan, np.float32)
   restored = manager.restore(step, args=ocp.args.StandardRestore(target))
   params, opt_state = restored["params"], restored["opt_state"]
-  window = list(np.asarray(restored["pending_losses"])[: step % config.log_every])
+  pending = step % config.log_every
+  window = list(np.asarray(restored["pending_losses"])[:pending])
+  grad_norms = list(np.asarray(restored.get("pending_grad_norms", []))[:pending])
   if source_config is None:
-    return step, params, opt_state, window, None
+    return step, params, opt_state, (window, grad_norms), None
   opt_state = optimizers.switched_state(config.optimizer, source_opt, tx, params, opt_state)
   opt_state = jax.device_put(opt_state, shardings.opt_state)
   warm = config.optimizer.warm_start
@@ -447,7 +471,7 @@ def _resume(
     step,
     params,
     opt_state,
-    window,
+    (window, grad_norms),
     {"step": step, "switched_from": source_opt.name, "warm_start": warm},
   )
 

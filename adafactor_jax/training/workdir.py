@@ -53,6 +53,7 @@ def _warmup_in_steps(flat_config: dict[str, Any]) -> dict[str, Any]:
 class Workdir:
   path: str
   checkpointed: int | None = None  # the latest checkpoint's step, once check() has read it
+  checkpoint_items: frozenset[str] = frozenset()  # the top-level keys of that checkpoint
 
   def file(self, name: str) -> str:
     return os.path.join(self.path, name)
@@ -183,7 +184,9 @@ class Workdir:
         step = self.checkpointed = manager.latest_step()
         if step is None:
           return
-        saved = manager.item_metadata(step)["params"]
+        metadata = manager.item_metadata(step)
+        self.checkpoint_items = frozenset(metadata.keys())
+        saved = metadata["params"]
     finally:
       absl_logger.setLevel(level)
     if step > num_steps:
@@ -235,14 +238,24 @@ class Workdir:
     params: Any,
     opt_state: Any,
     window: list,
+    grad_norms: list,
     log_every: int,
   ) -> None:
-    """A checkpoint of ``step``, with the losses of the steps since the last log record
-    (``window``): a checkpoint taken between records (on a signal) keeps them, so the resumed
-    run logs the same window means as an uninterrupted one."""
-    pending = np.full((log_every,), np.nan, np.float32)
-    pending[: len(window)] = np.asarray(window, np.float32)
-    tree = {"params": params, "opt_state": opt_state, "pending_losses": pending}
+    """A checkpoint of ``step``, with the losses and gradient norms of the steps since the last
+    log record (``window``, ``grad_norms``): a checkpoint taken between records (on a signal)
+    keeps them, so the resumed run logs the same window figures as an uninterrupted one."""
+
+    def pending(values: list) -> np.ndarray:
+      padded = np.full((log_every,), np.nan, np.float32)
+      padded[: len(values)] = np.asarray(values, np.float32)
+      return padded
+
+    tree = {
+      "params": params,
+      "opt_state": opt_state,
+      "pending_losses": pending(window),
+      "pending_grad_norms": pending(grad_norms),
+    }
     manager.save(step, args=ocp.args.StandardSave(tree))
 
   def write_config(self, config: ml_collections.ConfigDict) -> None:
@@ -274,19 +287,20 @@ def upgrade(saved: dict[str, Any]) -> ml_collections.ConfigDict:
   """A run's config.json as this version writes it, from whichever version wrote it: the one
   place that knows the older layouts.
 
-  Before 'optimizer.telemetry' and 'optimizer.warmup_fraction' existed, runs had neither
-  (telemetry off, no fraction); before 'model.activation_dtype' and 'model.remat', the
-  layers computed in the parameters' dtype, without remat. Before the optimizer section held
-  the arguments of the chosen optimizer (by name, config.OPTIMIZERS), it held every
-  optimizer's keys side by side (its mark: both 'epsilon2' and 'b1'), of which the trainer
-  passed the chosen one's, optax.adafactor's under other names (epsilon1, momentum_dtype)
-  and Adafactor's min_dim_size_to_factor as 128, which is the library's None; the others
-  were ignored.
+  Before 'optimizer.telemetry', 'optimizer.warmup_fraction' and 'optimizer.clip_global_norm'
+  existed, runs had none of them (telemetry off, no fraction, no clipping by the global
+  norm); before 'model.activation_dtype' and 'model.remat', the layers computed in the
+  parameters' dtype, without remat. Before the optimizer section held the arguments of the
+  chosen optimizer (by name, config.OPTIMIZERS), it held every optimizer's keys side by side
+  (its mark: both 'epsilon2' and 'b1'), of which the trainer passed the chosen one's,
+  optax.adafactor's under other names (epsilon1, momentum_dtype) and Adafactor's
+  min_dim_size_to_factor as 128, which is the library's None; the others were ignored.
   """
   model = {"activation_dtype": None, "remat": False, **saved["model"]}
   opt = dict(saved["optimizer"])
   opt.setdefault("telemetry", False)
   opt.setdefault("warmup_fraction", 0.0)
+  opt.setdefault("clip_global_norm", None)
   if "epsilon2" in opt and "b1" in opt and opt["name"] in OPTIMIZERS:
     if opt["name"] == "optax_adafactor":
       opt["eps"], opt["dtype_momentum"] = opt["epsilon1"], opt["momentum_dtype"]

@@ -187,7 +187,7 @@ def test_killed_run_resumes_from_last_complete_checkpoint_and_ends_identical(run
 
   # And it ends where the uninterrupted run ends: state, metrics, summary.
   final, expected = restore(run["workdir"], 8), restore(clean, 8)
-  assert set(final) == {"params", "opt_state", "pending_losses"}
+  assert set(final) == {"params", "opt_state", "pending_losses", "pending_grad_norms"}
   assert_bit_identical(final, expected)
   metrics = read_jsonl(run["workdir"] / "metrics.jsonl")
   assert without_rate(metrics) == without_rate(read_jsonl(clean / "metrics.jsonl"))

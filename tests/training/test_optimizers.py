@@ -8,7 +8,9 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 import pytest
 
 import adafactor_jax
@@ -75,6 +77,7 @@ def test_every_shipped_config_resolves_and_builds_its_optimizer():
     ("t5x", 3e-3, 3e-3),
     ("big_vision", 3e-3, 3e-3),
     ("adamw", 3e-3, 3e-3),
+    ("stable_adamw", 3e-3, 3e-3),  # a zero gradient: RMS 0, nothing clipped
   ],
 )
 def test_weight_decay_means_adamws_for_every_optimizer(name, learning_rate, step_size):
@@ -85,7 +88,7 @@ def test_weight_decay_means_adamws_for_every_optimizer(name, learning_rate, step
     "name": name,
     "learning_rate": learning_rate,
     "weight_decay": 0.1,
-    "telemetry": name != "adamw",
+    "telemetry": name not in optimizers.WITHOUT_TELEMETRY,
     "schedule": "constant",  # the first step at the full learning rate
     "warmup_fraction": 0.0,
   }
@@ -202,3 +205,164 @@ def test_an_argument_override_is_parsed_by_the_signatures_type(tmp_path, monkeyp
   ((config, _, _),) = started
   assert config.optimizer.momentum == 0.9 and config.optimizer.decay_offset == 3
   assert config_lib.resolve_config(config).optimizer.epsilon2 == 1e-3  # the signature's
+
+
+# --------------------------------------------------------------------------- clip_global_norm
+
+
+def _optimizer(
+  name: str, **changes
+) -> tuple[ml_collections.ConfigDict, optax.GradientTransformation]:
+  """The resolved optimizer section of ``name`` at a constant learning rate, and its tx."""
+  config = default.get_config()
+  changes = {
+    "name": name,
+    "learning_rate": 1e-2,
+    "telemetry": name not in optimizers.WITHOUT_TELEMETRY,
+    "schedule": "constant",
+    "warmup_fraction": 0.0,
+    **changes,
+  }
+  for key, value in changes.items():
+    config_lib.set_config_value(config, f"optimizer.{key}", value)
+  opt = config_lib.resolve_config(config).optimizer
+  return opt, optimizers.create_optimizer(opt, 100)
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adamw", "big_vision"])
+def test_clip_global_norm_is_optax_clip_by_global_norm_before_the_optimizer(name):
+  """Each step's update is the unclipped optimizer's update of the gradient scaled by
+  min(1, c / ||G||) (the norm over every leaf, in float64 here): clipped on the steps whose
+  norm exceeds c, untouched on the others."""
+  clip = 1.0
+  _, clipped_tx = _optimizer(name, clip_global_norm=clip)
+  _, plain_tx = _optimizer(name)
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(48, 40)), jnp.float32), "b": jnp.zeros((40,))}
+  clipped_state, plain_state = clipped_tx.init(params), plain_tx.init(params)
+  scaled = []
+  for scale in (0.1, 0.001, 0.01, 0.05):  # global norms about 4.4, 0.04, 0.4, 2.2
+    grads = {
+      key: jnp.asarray(scale * rng.normal(size=x.shape), x.dtype) for key, x in params.items()
+    }
+    norm = np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) for g in grads.values()))
+    factor = np.float32(min(1.0, clip / norm))
+    scaled.append(factor < 1.0)
+    expected, plain_state = plain_tx.update(
+      {key: g * factor for key, g in grads.items()}, plain_state, params
+    )
+    updates, clipped_state = clipped_tx.update(grads, clipped_state, params)
+    for key in params:
+      np.testing.assert_allclose(updates[key], expected[key], rtol=2e-5, atol=1e-8)
+    params = jax.tree.map(lambda x, u: x + u, params, updates)
+  assert scaled == [True, False, False, True]
+  # The clip is stateless: the state is the optimizer's, behind optax.chain's EmptyState.
+  assert clipped_state[0] == optax.EmptyState()
+  assert jax.tree.structure(clipped_state[1]) == jax.tree.structure(plain_state)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
+def test_a_clip_global_norm_that_is_not_positive_is_refused(value, tmp_path, capsys):
+  opt, _ = _optimizer("adamw")
+  opt.clip_global_norm = value
+  with pytest.raises(config_lib.ConfigError, match=r"'optimizer.clip_global_norm' must be > 0"):
+    optimizers.create_optimizer(opt, 100)
+  flag = f"--config.optimizer.clip_global_norm={value}"
+  rc = main.main([PROG, "--config", "adamw", flag, f"--workdir={tmp_path / 'run'}"])
+  assert_refused(capsys, rc, ["'optimizer.clip_global_norm' must be > 0", repr(value)])
+  assert not (tmp_path / "run").exists()
+
+
+def test_clip_global_norm_is_refused_with_the_fused_backward_step():
+  config = default.get_config()
+  config.model.scan_layers = True
+  config.optimizer.fused_backward = True
+  config.optimizer.clip_global_norm = 1.0
+  message = r"'optimizer.fused_backward' cannot clip by the global norm \('optimizer.clip_glob"
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.resolve_config(config)
+
+
+def test_a_clipped_optimizers_state_converts_and_shards_as_the_unclipped_ones():
+  """Switching (adafactor_jax.warm_start_state) and state_shardings see through the clip's
+  EmptyState: the warm Adafactor state from a clipped AdamW's is the one from the same
+  AdamW state without the clip (a gradient of norm 0.18, which the clip at 1 leaves as it
+  is), behind the clip's own EmptyState."""
+  params = {"w": jnp.ones((256, 128)), "b": jnp.ones((128,))}
+  grads = jax.tree.map(lambda x: 1e-3 * x, params)
+  adamw_opt, clipped_adamw = _optimizer("adamw", clip_global_norm=1.0, b2=0.95)
+  _, adamw_tx = _optimizer("adamw", b2=0.95)
+  _, clipped_state = clipped_adamw.update(grads, clipped_adamw.init(params), params)
+  _, plain_state = adamw_tx.update(grads, adamw_tx.init(params), params)
+  adafactor_opt, clipped_adafactor = _optimizer("adafactor", clip_global_norm=1.0, momentum=0.9)
+  _, adafactor_tx = _optimizer("adafactor", momentum=0.9)
+  warm = optimizers.switched_state(
+    adafactor_opt, adamw_opt, clipped_adafactor, params, clipped_state
+  )
+  expected = optimizers.switched_state(adafactor_opt, adamw_opt, adafactor_tx, params, plain_state)
+  assert warm[0] == optax.EmptyState()
+  assert jax.tree.structure(warm[1]) == jax.tree.structure(expected)
+  for got, want in zip(jax.tree.leaves(warm[1]), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shardings = adafactor_jax.state_shardings(
+    clipped_adafactor, params=params, param_shardings=jax.tree.map(lambda _: sharding, params)
+  )
+  assert jax.tree.structure(shardings) == jax.tree.structure(clipped_adafactor.init(params))
+
+
+# --------------------------------------------------------------------------- stable_adamw
+
+
+def test_stable_adamw_in_the_job_is_the_preset_with_the_sections_arguments():
+  """--config.optimizer.name=stable_adamw: the preset at its own b2 (0.99), with the job's
+  schedule, 'optimizer.weight_decay' (None: 0, as for adamw) and the section's arguments."""
+  params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(16, 8)), jnp.float32)}
+  grads = [jax.tree.map(lambda x, s=s: s * jnp.cos(x + s), params) for s in (0.1, 3.0, 0.5)]
+  for changes, expected in (
+    ({}, {"weight_decay": 0.0}),
+    ({"weight_decay": 0.1, "clipping_threshold": 0.5}, {"weight_decay": 0.1}),
+  ):
+    opt, tx = _optimizer("stable_adamw", **changes)
+    assert opt.b2 == 0.99 and opt.clipping_threshold == changes.get("clipping_threshold", 1.0)
+    preset = adafactor_jax.presets.stable_adamw(
+      1e-2, **expected, clipping_threshold=opt.clipping_threshold
+    )
+    states = tx.init(params), preset.init(params)
+    for g in grads:
+      (got, state), (want, preset_state) = (
+        tx.update(g, states[0], params),
+        preset.update(g, states[1], params),
+      )
+      states = state, preset_state
+      np.testing.assert_array_equal(got["w"], want["w"])
+
+
+def test_a_switch_from_stable_adamw_reads_its_adam_state_with_its_own_b2():
+  params = {"w": jnp.ones((256, 128))}
+  grads = {"w": jnp.full((256, 128), 0.1)}
+  stable_opt, stable_tx = _optimizer("stable_adamw")
+  _, source_state = stable_tx.update(grads, stable_tx.init(params), params)
+  adafactor_opt, adafactor_tx = _optimizer("adafactor", momentum=0.9)
+  warm = optimizers.switched_state(adafactor_opt, stable_opt, adafactor_tx, params, source_state)
+  expected = adafactor_jax.warm_start_state(
+    adafactor_tx, params=params, source_state=source_state, b1=0.9, b2=0.99
+  )
+  for got, want in zip(jax.tree.leaves(warm), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_array_equal(got, want)
+  # optax's default b2 (0.999) would debias v by 1 - 0.999 instead of 1 - 0.99: 10x off.
+  other = adafactor_jax.warm_start_state(adafactor_tx, params=params, source_state=source_state)
+  assert not all(
+    np.array_equal(a, b) for a, b in zip(jax.tree.leaves(warm), jax.tree.leaves(other), strict=True)
+  )
+
+
+def test_a_warm_switch_into_stable_adamw_is_refused():
+  config = default.get_config()
+  config.optimizer.name, config.optimizer.telemetry = "stable_adamw", False
+  config.optimizer.switch_from = "adamw"
+  with pytest.raises(config_lib.ConfigError, match=r"'optimizer.name' is 'stable_adamw': pass"):
+    config_lib.resolve_config(config)
+  config.optimizer.warm_start = False
+  config_lib.resolve_config(config)

@@ -116,7 +116,7 @@ def assert_refused(capsys, rc: int, fragments: list[str]) -> str:
 
 def test_resumed_run_ends_bit_identical_to_uninterrupted_run(run_a, run_b):
   a, b = restore(run_a, 8), restore(run_b, 8)
-  assert set(a) == set(b) == {"params", "opt_state", "pending_losses"}
+  assert set(a) == set(b) == {"params", "opt_state", "pending_losses", "pending_grad_norms"}
   assert_bit_identical(a["params"], b["params"])
   assert_bit_identical(a["opt_state"], b["opt_state"])
   # The run moved: the final parameters are not the step-4 ones.
@@ -154,9 +154,14 @@ def test_run_writes_metrics_plot_summary_and_config(run_a):
   eval_records = [r for r in records if "eval_loss" in r]
   assert [r["step"] for r in train_records] == [2, 4, 6, 8]  # every log_every
   assert [r["step"] for r in eval_records] == [4, 8]  # every eval_every
-  # Telemetry (on by default) without clipping (this paper row): no clipped fractions.
+  # Telemetry (on by default) without clipping (this paper row): no clipped fractions; the
+  # gradient's norm (no 'optimizer.clip_global_norm': no clipped share).
   telemetry = {"step_size", "beta2", "rms_update_max", "rms_update_median"}
-  assert all(set(r) == {"step", "train_loss", "steps_per_sec", *telemetry} for r in train_records)
+  gradient = {"grad_norm", "grad_norm_max"}
+  assert all(
+    set(r) == {"step", "train_loss", "steps_per_sec", *gradient, *telemetry} for r in train_records
+  )
+  assert all(0 < r["grad_norm"] <= r["grad_norm_max"] for r in train_records)
   assert all(set(r) == {"step", "eval_loss"} for r in eval_records)
   # Bytes of a 256-symbol alphabet: a fresh model's loss is near ln(256).
   losses = [r["train_loss"] for r in train_records] + [r["eval_loss"] for r in eval_records]

@@ -79,6 +79,7 @@ def _restored(workdir: Path, step: int) -> tuple[dict, object]:
       "params": abstract_params,
       "opt_state": jax.eval_shape(tx.init, abstract_params),
       "pending_losses": jax.ShapeDtypeStruct((config.log_every,), np.float32),
+      "pending_grad_norms": jax.ShapeDtypeStruct((config.log_every,), np.float32),
     },
   )
   handler = ocp.StandardCheckpointHandler()
@@ -165,6 +166,8 @@ def test_event_files_hold_the_losses_aggregates_and_every_parameters_figures(run
   expected["loss/eval"] = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
   for key in AGGREGATES:
     expected[f"optimizer/{key}"] = {r["step"]: r[key] for r in train_records}
+  for key, tag in (("grad_norm", "gradient/norm"), ("grad_norm_max", "gradient/norm_max")):
+    expected[tag] = {r["step"]: r[key] for r in train_records}
   for tag, values in expected.items():
     assert scalars[tag].keys() == values.keys(), tag
     np.testing.assert_allclose(list(scalars[tag].values()), list(values.values()), rtol=1e-6)

@@ -15,17 +15,20 @@ import sys
 from pathlib import Path
 
 import ml_collections
+import orbax.checkpoint as ocp
 import pytest
 
 from adafactor_jax.training import config as config_lib
 from adafactor_jax.training import workdir as workdir_lib
 from adafactor_jax.training.configs import adamw, big_vision, default, t5_finetune
+from tests.conftest import assert_bit_identical
 from tests.training.test_train import (
   PAPER_FILE,
   TINY,
   assert_refused,
   file_hashes,
   read_jsonl,
+  restore,
   run_main,
   tiny_flags,
   without_rate,
@@ -250,12 +253,19 @@ def test_an_earlier_optax_adafactor_keeps_its_arguments_under_optaxs_names():
 
 
 def test_a_workdir_of_an_earlier_version_resumes(run_a, tmp_path, capsys):
-  """run A's workdir, its last checkpoint deleted and its config.json as an earlier version
-  wrote it, resumes to the same end."""
+  """run A's workdir, its last checkpoint deleted and its config.json and step-4 checkpoint
+  as an earlier version wrote them (no pending gradient norms), resumes to the same end."""
   workdir = tmp_path / "earlier"
   shutil.copytree(run_a, workdir)
   shutil.rmtree(workdir / "checkpoints" / "8")
   (workdir / "summary.json").unlink()
+  tree = restore(workdir, 4)
+  del tree["pending_grad_norms"]
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  handler = ocp.StandardCheckpointHandler()
+  with ocp.CheckpointManager(workdir / "checkpoints", item_handlers=handler) as manager:
+    manager.save(4, args=ocp.args.StandardSave(tree))
+    manager.wait_until_finished()
   config = json.loads((workdir / "config.json").read_text())
   config["optimizer"] = {  # configs/paper.py:no_clipping
     **EARLIER_OPTIMIZER,
@@ -269,6 +279,7 @@ def test_a_workdir_of_an_earlier_version_resumes(run_a, tmp_path, capsys):
   assert without_rate(read_jsonl(workdir / "metrics.jsonl")) == without_rate(
     read_jsonl(run_a / "metrics.jsonl")
   )
+  assert_bit_identical(restore(workdir, 8), restore(run_a, 8))
 
 
 def test_a_finished_run_is_its_summary_and_its_last_checkpoint(tmp_path):
