@@ -176,11 +176,12 @@ def readme_table(results: dict[str, Any]) -> str:
   lines = [
     f"Compiled {env['date'].replace('T', ' ')[:16]} UTC by libtpu {env['libtpu']} (jax "
     f"{env['jax']}), no TPU: `adafactor-train --config <config> --topology <topology> "
-    "--compile_only` with each optimizer. Per chip, GiB: parameters, optimizer state (the "
-    "total over the chips that share it: the factored statistics are replicated along the "
-    "axes they average over), temporaries, and the peak against the HBM the compiler allows:",
+    "--compile_only` with each optimizer. Per chip, GiB: parameters, optimizer state in MiB "
+    "(its total over the number of chips that share it out, on average: the factored "
+    "statistics are replicated along the axes they average over), temporaries, and the peak "
+    "against the HBM the compiler allows:",
     "",
-    "| topology | config | optimizer | parameters | optimizer state (total / ways) "
+    "| topology | config | optimizer | parameters | optimizer state (total MiB / chips) "
     "| temporaries | peak | fits |",
     "|---|---|---|--:|--:|--:|--:|---|",
   ]
@@ -194,8 +195,10 @@ def readme_table(results: dict[str, Any]) -> str:
           lines.append(f"| {where} | {name} | {label} | | | | | no: {f['refused'][:120]} |")
         else:
           per, totals = f["per_device"], f["totals"]
+          mib = 1024**2
           state = (
-            f"{_gib(per['opt_state'])} ({_gib(totals['opt_state'])} / {f['opt_state_devices']:.1f})"
+            f"{per['opt_state'] / mib:.1f} MiB ({totals['opt_state'] / mib:,.0f} / "
+            f"{f['opt_state_devices']:.1f})"
           )
           lines.append(
             f"| {where} | {name} | {label} | {_gib(per['params'])} | {state} | "
@@ -226,6 +229,35 @@ def readme_table(results: dict[str, Any]) -> str:
         f"| {LABELS.get(optimizer, optimizer)} | {fits} | "
         f"{refused[0] + ' refused' if refused else 'all compiled'} |"
       )
+  return "\n".join(lines)
+
+
+def summary_table(results: dict[str, Any]) -> str:
+  """The README's: per optimizer, the peak HBM per chip of each config on each topology (or
+  'does not fit'), and the largest decoder that fits on the ladder's topology."""
+  topologies = results["topologies"]
+  ladder = results["ladder"]
+  columns = [(t, c) for t, entry in topologies.items() for c in entry["configs"]]
+  header = [f"{c.removeprefix('decoder_')} on {t}" for t, c in columns]
+  lines = [
+    "| optimizer | " + " | ".join(header) + f" | largest on {ladder.get('topology', '-')} |",
+    "|---|" + "--:|" * len(columns) + "---|",
+  ]
+  optimizers = list(dict.fromkeys(o for t, c in columns for o in topologies[t]["configs"][c]))
+  for optimizer in optimizers:
+    cells = []
+    for topology, config in columns:
+      f = topologies[topology]["configs"][config].get(optimizer)
+      if f is None:
+        cells.append("-")
+      elif "refused" in f:
+        cells.append("does not fit")
+      else:
+        cells.append(f"{_gib(f['per_device']['peak'])} GiB")
+    per_size = ladder.get("optimizers", {}).get(optimizer, {})
+    fitting = [s for s, f in per_size.items() if "refused" not in f]
+    cells.append(fitting[-1] if fitting else "-")
+    lines.append(f"| {LABELS.get(optimizer, optimizer)} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 

@@ -272,6 +272,10 @@ def _refusal(
   return f"the train step {what} (mesh {dict(mesh.shape)}).{largest} Would help: {helped}."
 
 
+def _count(n: int) -> str:
+  return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n:,}"
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
   """What ``--compile_only`` prints."""
   per, totals = report["per_device"], report["totals"]
@@ -279,7 +283,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
   lines = [
     f"compiled the train step for {report['devices']} x {report['device_kind']} "
     f"(mesh {report['mesh']}) in {report['compile_seconds']:.1f} s: "
-    f"{report['param_count'] / 1e9:.3g}B parameters, {report['optimizer']}"
+    f"{_count(report['param_count'])} parameters, {report['optimizer']}"
     f"{', fused backward' if report['fused_backward'] else ''}. Per chip:",
     f"  parameters     {_gib(per['params'])} (of {_gib(totals['params'])})",
     f"  optimizer      {_gib(per['opt_state'])} (of {_gib(totals['opt_state'])}: sharded "

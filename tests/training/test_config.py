@@ -191,7 +191,10 @@ def test_an_unknown_config_name_lists_the_packaged_ones(tmp_path, capsys, monkey
   assert list(tmp_path.iterdir()) == []
   assert main.main([PROG, "--help"]) == 0
   out = capsys.readouterr().out
-  assert "Packaged configs: adamw, big_vision, default, smoke, t5_finetune, paper:<row>" in out
+  assert (
+    "Packaged configs: adamw, big_vision, decoder_1b, decoder_8b, default, smoke, t5_finetune, "
+    "paper:<row>" in out
+  )
 
 
 def test_bad_flag_in_a_real_process_exits_2_on_stderr(tmp_path):
