@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from adafactor_jax._checks import path_name
@@ -45,7 +46,21 @@ def create_mesh(mesh: ml_collections.ConfigDict, devices: Sequence[Any] | None =
       "their product must be the device count (-1 takes all the remaining devices)."
     )
   shape = tuple(sizes[axis] for axis in MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  slices = len({getattr(device, "slice_index", 0) for device in devices})
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  # Several slices (multislice) are joined by the data-centre network, far slower than the
+  # links inside a slice: only data parallelism ('data') crosses it.
+  if sizes["data"] % slices:
+    raise ConfigError(
+      f"config key 'mesh.data' = {sizes['data']} must be a multiple of the {slices} slices "
+      "the devices are in: only the 'data' axis spans slices."
+    )
+  grid = mesh_utils.create_hybrid_device_mesh(
+    (sizes["data"] // slices, sizes["model"]), (slices, 1), devices
+  )
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def mesh_spec(

@@ -125,6 +125,10 @@ def test_a_model_too_large_for_the_chips_exits_2_in_one_line_and_writes_nothing(
     (["--topology=v9:2x2", "--compile_only"], "--topology v9:2x2: not a TPU topology libtpu"),
     (["--topology=v5e:2x2", "--compile_only", "--num_slices=0"], "--num_slices must be at least"),
     (["--topology=v5e:2x2"], "--topology and --num_slices name devices to compile for"),
+    (
+      ["--topology=v5e:2x2", "--num_slices=2", "--compile_only", "--config.mesh.model=8"],
+      "'mesh.data' = 1 must be a multiple of the 2 slices",
+    ),
   ],
 )
 def test_what_cannot_be_compiled_for_is_refused_in_one_line(tmp_path, capsys, flags, expected):
@@ -132,6 +136,16 @@ def test_what_cannot_be_compiled_for_is_refused_in_one_line(tmp_path, capsys, fl
   assert run_main(*flags, f"--workdir={workdir}") == 2
   assert expected in _refusal(capsys)
   assert not workdir.exists()
+
+
+@needs_libtpu
+def test_two_slices_compile_with_data_parallelism_across_them(tmp_path):
+  workdir = tmp_path / "run"
+  flags = ["--topology=v5e:2x2", "--num_slices=2", "--compile_only", f"--workdir={workdir}"]
+  assert run_main(*flags) == 0
+  report = json.loads((workdir / "compile.json").read_text())
+  assert report["num_slices"] == 2 and report["devices"] == 8
+  assert report["mesh"] == {"data": 8, "model": 1}
 
 
 def test_without_libtpu_the_topology_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
