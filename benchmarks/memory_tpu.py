@@ -68,8 +68,9 @@ def measure(name: str, dtype: str, device: Any, size: str) -> dict[str, Any]:
 def walk(
   compile_size: Callable[[str], dict[str, Any]], sizes: Sequence[str], start: int
 ) -> dict[str, dict[str, Any]]:
-  """From ``sizes[start]``, up while sizes compile, down while they are refused: the sizes
-  compiled, with the largest that fits next to the smallest refused (where both exist)."""
+  """From ``sizes[start]`` (``sizes`` smallest first), up while sizes compile, down while they
+  are refused: the sizes compiled, in order, with the largest that fits next to the smallest
+  refused (where both exist)."""
   results: dict[str, dict[str, Any]] = {}
   i, step = start, 0
   while 0 <= i < len(sizes):
@@ -80,7 +81,7 @@ def walk(
     elif fits != (step == 1):  # crossed the boundary
       break
     i += step
-  return dict(sorted(results.items(), key=lambda kv: memory.SIZES[kv[0]].params))
+  return {size: results[size] for size in sizes if size in results}
 
 
 def start_size(

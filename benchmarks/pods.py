@@ -27,7 +27,7 @@ import ml_collections
 
 from adafactor_jax.training import compile_only
 from adafactor_jax.training.configs import decoder_1b, decoder_8b
-from benchmarks import tpu
+from benchmarks import memory_tpu, tpu
 from benchmarks.run import environment
 
 TOPOLOGIES = ("v5e:16x16", "v5p:4x4x4")
@@ -104,22 +104,6 @@ def measure(config: ml_collections.ConfigDict, devices: Sequence[Any], label: st
   return figures
 
 
-def walk(compile_size: Callable[[str], dict[str, Any]], start: str) -> dict[str, dict]:
-  """From ``start``, up the ladder while sizes compile, down while they are refused."""
-  sizes = list(LADDER)
-  results: dict[str, dict] = {}
-  i, step = sizes.index(start), 0
-  while 0 <= i < len(sizes):
-    results[sizes[i]] = compile_size(sizes[i])
-    fits = "refused" not in results[sizes[i]]
-    if step == 0:
-      step = 1 if fits else -1
-    elif fits != (step == 1):
-      break
-    i += step
-  return {s: results[s] for s in sizes if s in results}
-
-
 def run(
   topologies: Sequence[str],
   optimizers: Sequence[str],
@@ -155,7 +139,7 @@ def run(
       config = ladder_config(size, OPTIMIZERS[optimizer])
       return measure(config, devices, f"{ladder_topology} {size} {optimizer}")
 
-    per_size = walk(compile_size, "78B")
+    per_size = memory_tpu.walk(compile_size, list(LADDER), list(LADDER).index("78B"))
     results["ladder"]["optimizers"][optimizer] = per_size
     for size, figures in per_size.items():
       if "param_count" in figures:
