@@ -296,7 +296,9 @@ def upgrade(saved: dict[str, Any]) -> ml_collections.ConfigDict:
   optax.adafactor's under other names (epsilon1, momentum_dtype) and Adafactor's
   min_dim_size_to_factor as 128, which is the library's None; the others were ignored.
   """
-  model = {"activation_dtype": None, "remat": False, **saved["model"]}
+  saved = dict(saved)
+  if "model" in saved:
+    saved["model"] = {"activation_dtype": None, "remat": False, **saved["model"]}
   opt = dict(saved["optimizer"])
   opt.setdefault("telemetry", False)
   opt.setdefault("warmup_fraction", 0.0)
@@ -310,4 +312,4 @@ def upgrade(saved: dict[str, Any]) -> ml_collections.ConfigDict:
     opt = {k: v for k, v in opt.items() if k in TRAINER_KEYS} | {
       k: opt.get(k, default) for k, default in arguments.items()
     }
-  return ml_collections.ConfigDict({**saved, "model": model, "optimizer": opt})
+  return ml_collections.ConfigDict({**saved, "optimizer": opt})
