@@ -16,9 +16,7 @@ relative to the repository:
   table; ``benchmarks/results/memory.json`` (``python -m benchmarks.memory``), the
   largest-model table; ``benchmarks/results/memory_tpu.json`` (``python -m benchmarks.memory
   --topology ...``), the largest model by the TPU compiler; ``benchmarks/results/tpu.json``
-  (``python -m benchmarks.run --topology ...``), the update's bytes on TPU compilers;
-  ``benchmarks/results/pods.json`` (``python -m benchmarks.pods``), which decoder fits a TPU
-  pod per optimizer (``#summary``: the README's short form).
+  (``python -m benchmarks.run --topology ...``), the update's bytes on TPU compilers.
 
 A source in ``PENDING`` may not exist yet; its region then reads ``PENDING[source]``. To add a
 table: write a function from the file's parsed JSON to Markdown, add it to ``RENDERERS`` under
@@ -35,7 +33,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import memory, memory_tpu, pods, run
+from benchmarks import memory, memory_tpu, run
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -48,8 +46,6 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
   "memory.json": memory.readme_table,
   "tpu.json": run.tpu_readme_table,
   "memory_tpu.json": memory_tpu.readme_table,
-  "pods.json": pods.readme_table,
-  "pods.json#summary": pods.summary_table,
 }
 # Sources that are still to be measured, and what their region says until they are.
 PENDING: dict[str, str] = {}
@@ -61,17 +57,14 @@ def pages() -> list[Path]:
 
 
 def render(source: str) -> str:
-  """The text a region shows for its result file (``file.json#part``: another of its
-  renderers)."""
-  source, _, part = source.partition("#")
+  """The text a region shows for its result file."""
   path = ROOT / source
   if not path.exists() and source in PENDING:
     return PENDING[source] + "\n"
   if path.suffix == ".md":
     return path.read_text().strip() + "\n"
-  name = f"{path.name}#{part}" if part else path.name
-  if path.suffix == ".json" and name in RENDERERS:
-    return RENDERERS[name](json.loads(path.read_text())) + "\n"
+  if path.suffix == ".json" and path.name in RENDERERS:
+    return RENDERERS[path.name](json.loads(path.read_text())) + "\n"
   raise ValueError(
     f"{source}: a generated region's source must be a .md result file or a JSON file named in "
     f"benchmarks/readme.py's RENDERERS ({', '.join(RENDERERS)})."

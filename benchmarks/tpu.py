@@ -22,8 +22,7 @@ from typing import Any
 
 import jax
 
-from adafactor_jax.training import compile_only
-from adafactor_jax.training.compile_only import TopologyError, libtpu_version
+from adafactor_jax._topology import TopologyError, libtpu_version, topology_devices
 
 __all__ = ["TopologyError", "devices", "libtpu_version", "on_device", "figures", "compile_for"]
 
@@ -38,7 +37,7 @@ def devices(topology: str) -> list[Any]:
 
   Raises TopologyError, with one line, when libtpu is missing or the name is unknown.
   """
-  return compile_only.topology_devices(topology)
+  return topology_devices(topology)
 
 
 def on_device(tree: Any, device: Any) -> Any:

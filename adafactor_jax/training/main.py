@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
   if fv.compile_only:
     try:
       compile_only.main(fv.config, fv.workdir, fv.topology, fv.num_slices)
-    except (config_lib.ConfigError, compile_only.DoesNotFit) as e:
+    except (config_lib.ConfigError, compile_only.TopologyError, compile_only.DoesNotFit) as e:
       return _fail(str(e))
     return 0
   try:

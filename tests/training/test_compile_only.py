@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from adafactor_jax.training import compile_only, model, train
+from adafactor_jax.training import compile_only, model, pods, train
 from adafactor_jax.training.configs import decoder_1b, default
 from tests.training.test_train import run_main
 
@@ -185,3 +186,14 @@ def test_a_deep_models_temporaries_stay_near_one_layers_gathered_weights(monkeyp
   monkeypatch.setattr(model, "_constrain", lambda x, sharding: x)
   unconstrained, _ = _deep_model_temporaries(devices)
   assert unconstrained > budget
+
+
+def test_the_committed_pod_tables_are_what_their_results_give():
+  root = Path(__file__).resolve().parents[2] / "docs" / "results"
+  results = json.loads((root / "pods.json").read_text())
+  assert (root / "pods.md").read_text() == pods.readme_table(results) + "\n"
+  assert (root / "pods_summary.md").read_text() == pods.summary_table(results) + "\n"
+  # The 8B on v5e-256 fits with every optimizer; AdamW's state is sharded over the chips.
+  v5e = results["topologies"]["v5e:16x16"]["configs"]["decoder_8b"]
+  assert all("refused" not in figures for figures in v5e.values())
+  assert v5e["adamw"]["opt_state_devices"] > 250

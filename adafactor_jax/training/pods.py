@@ -1,9 +1,9 @@
-"""Which decoder fits a TPU pod, per optimizer: ``python -m benchmarks.pods``.
+"""Which decoder fits a TPU pod, per optimizer: ``python -m adafactor_jax.training.pods``.
 
 Usage::
 
-  python -m benchmarks.pods [--topologies v5e:16x16,v5p:4x4x4] [--optimizers ...]
-      [--out benchmarks/results]
+  python -m adafactor_jax.training.pods [--topologies v5e:16x16,v5p:4x4x4] [--optimizers ...]
+      [--out runs/pods]
 
 The job's own train step (``adafactor-train --compile_only``: ``adafactor_jax/training/
 compile_only.py``) compiled by libtpu, no TPU needed, for the 1B and 8B decoders
@@ -11,24 +11,27 @@ compile_only.py``) compiled by libtpu, no TPU needed, for the 1B and 8B decoders
 of :data:`OPTIMIZERS`: HBM per chip (parameters, optimizer state, temporaries, peak) or the
 compiler's refusal. Then, on the first topology, the largest decoder of :data:`LADDER` whose
 step compiles per optimizer, at the 8B config's global batch and mesh. Writes ``pods.json``
-(with each compile's seconds); ``readme_table`` renders it.
+(with each compile's seconds), ``pods.md`` (:func:`readme_table`) and ``pods_summary.md``
+(:func:`summary_table`) to ``--out``; the documentation's copies are in ``docs/results/``.
+About 25 minutes on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import ml_collections
+import optax
 
 from adafactor_jax.training import compile_only
 from adafactor_jax.training.configs import decoder_1b, decoder_8b
-from benchmarks import memory_tpu, tpu
-from benchmarks.run import environment
 
 TOPOLOGIES = ("v5e:16x16", "v5p:4x4x4")
 """v5e-256 (256 chips of 16 GiB) and v5p-128 (64 chips of 95 GiB: a v5p-N has N/2 chips)."""
@@ -104,18 +107,45 @@ def measure(config: ml_collections.ConfigDict, devices: Sequence[Any], label: st
   return figures
 
 
+def environment() -> dict[str, Any]:
+  """When, and the versions that decide the figures (deterministic for a jax and a libtpu)."""
+  return {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "jax": jax.__version__,
+    "libtpu": compile_only.libtpu_version(),
+    "optax": optax.__version__,
+  }
+
+
+def walk(compile_size: Callable[[str], dict[str, Any]], start: str) -> dict[str, dict]:
+  """From ``start``, up the ladder while sizes compile, down while they are refused: the sizes
+  compiled, smallest first, the largest that fits next to the smallest refused."""
+  sizes = list(LADDER)
+  results: dict[str, dict] = {}
+  i, step = sizes.index(start), 0
+  while 0 <= i < len(sizes):
+    results[sizes[i]] = compile_size(sizes[i])
+    fits = "refused" not in results[sizes[i]]
+    if step == 0:
+      step = 1 if fits else -1
+    elif fits != (step == 1):  # crossed from fitting to refused, or back
+      break
+    i += step
+  return {size: results[size] for size in sizes if size in results}
+
+
 def run(
   topologies: Sequence[str],
   optimizers: Sequence[str],
   save: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
   results: dict[str, Any] = {
-    "environment": {**environment(), **tpu.environment()},
+    "environment": environment(),
     "topologies": {},
     "ladder": {},
   }
   for topology in topologies:
-    devices = tpu.devices(topology)
+    devices = compile_only.topology_devices(topology)
     entry = results["topologies"][topology] = {
       "device_kind": devices[0].device_kind,
       "chips": len(devices),
@@ -131,7 +161,7 @@ def run(
         if save is not None:
           save(results)
   ladder_topology = topologies[0]
-  devices = tpu.devices(ladder_topology)
+  devices = compile_only.topology_devices(ladder_topology)
   results["ladder"] = {"topology": ladder_topology, "sizes": {}, "optimizers": {}}
   for optimizer in optimizers:
 
@@ -139,7 +169,7 @@ def run(
       config = ladder_config(size, OPTIMIZERS[optimizer])
       return measure(config, devices, f"{ladder_topology} {size} {optimizer}")
 
-    per_size = memory_tpu.walk(compile_size, list(LADDER), list(LADDER).index("78B"))
+    per_size = walk(compile_size, "78B")
     results["ladder"]["optimizers"][optimizer] = per_size
     for size, figures in per_size.items():
       if "param_count" in figures:
@@ -198,7 +228,7 @@ def readme_table(results: dict[str, Any]) -> str:
       + ", ".join(
         f"{s} ({ladder['sizes'][s] / 1e9:.1f}B)" if s in ladder["sizes"] else s for s in LADDER
       )
-      + " (`benchmarks/pods.py`'s LADDER), and the next size up, refused:",
+      + " (`adafactor_jax/training/pods.py`'s LADDER), and the next size up, refused:",
       "",
       "| optimizer | largest that fits (peak GiB per chip) | next size up |",
       "|---|---|---|",
@@ -249,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
   parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
-  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  parser.add_argument("--out", default=os.path.join("runs", "pods"))
   args = parser.parse_args(argv)
   optimizers = args.optimizers.split(",")
   unknown = [o for o in optimizers if o not in OPTIMIZERS]
@@ -264,12 +294,20 @@ def main(argv: list[str] | None = None) -> int:
 
   try:
     results = run(args.topologies.split(","), optimizers, save)
-  except tpu.TopologyError as error:
+  except compile_only.TopologyError as error:
     parser.exit(2, f"{parser.prog}: error: {error}\n")
   save(results)
+  write_tables(results, args.out)
   print(readme_table(results))
-  print(f"wrote {path}", file=sys.stderr)
+  print(f"wrote {path}, pods.md and pods_summary.md", file=sys.stderr)
   return 0
+
+
+def write_tables(results: dict[str, Any], out: str) -> None:
+  """``pods.md`` and ``pods_summary.md`` in ``out``, from the results."""
+  for name, render in (("pods.md", readme_table), ("pods_summary.md", summary_table)):
+    with open(os.path.join(out, name), "w") as f:
+      f.write(render(results) + "\n")
 
 
 if __name__ == "__main__":
