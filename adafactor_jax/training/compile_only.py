@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import tempfile
@@ -52,20 +53,13 @@ class DoesNotFit(Exception):
 
 def _per_device_bytes(tree: Any, shardings: Any) -> int:
   return sum(
-    x.dtype.itemsize * _size(s.shard_shape(x.shape))
+    x.dtype.itemsize * math.prod(s.shard_shape(x.shape))
     for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
   )
 
 
-def _size(shape: Sequence[int]) -> int:
-  n = 1
-  for d in shape:
-    n *= d
-  return n
-
-
 def _total_bytes(tree: Any) -> int:
-  return sum(x.dtype.itemsize * _size(x.shape) for x in jax.tree.leaves(tree))
+  return sum(x.dtype.itemsize * x.size for x in jax.tree.leaves(tree))
 
 
 def compile_train_step(
@@ -126,7 +120,7 @@ def compile_train_step(
     "mesh": dict(job.mesh.shape),
     "optimizer": config.optimizer.name,
     "fused_backward": config.optimizer.fused_backward,
-    "param_count": sum(_size(x.shape) for x in jax.tree.leaves(job.abstract_params)),
+    "param_count": sum(x.size for x in jax.tree.leaves(job.abstract_params)),
     "per_device": per_device,
     "hbm_available": None if available is None else int(available),
     "totals": totals,
