@@ -107,7 +107,8 @@ def adafactor(
     momentum: :math:`\beta_1 \in [0, 1)`, or None for no first moment (and no
       memory for it). Defaults to ``None``.
     momentum_dtype: dtype of the momentum buffer (bfloat16 halves it; int8
-      quarters it, plus a float32 scale per 32 elements: see :func:`ema_momentum`).
+      quarters it, plus a float32 scale per line along the parameter's longest
+      axis: see :func:`ema_momentum`).
       Defaults to ``float32``.
     weight_decay_rate: decoupled weight decay rate >= 0 (float or schedule), or
       None; not multiplied by the step size (step 6). Defaults to ``None``.

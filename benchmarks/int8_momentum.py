@@ -1,6 +1,6 @@
-"""int8 against float32 momentum on the default job: the loss curves of two seeds each.
+"""int8 against float32 (or bfloat16) momentum on the default job: the loss curves by seed.
 
-The four runs are the default job at the paper's defaults with momentum 0.9 stored in float32
+The runs are the default job at the paper's defaults with momentum 0.9 stored in float32
 and in int8, seeds 0 and 1, each in ``<runs>/<dtype>_seed<seed>``::
 
   for seed in 0 1; do for dtype in float32 int8; do
@@ -10,6 +10,8 @@ and in int8, seeds 0 and 1, each in ``<runs>/<dtype>_seed<seed>``::
   done; done
   python -m benchmarks.int8_momentum --runs runs/int8_momentum
 
+With ``--baseline bfloat16 --seeds 0,1,2`` it reads bfloat16 runs in place of float32 ones, and
+any number of seeds (the spread is then the largest minus the smallest of the baseline's).
 The last command reads their ``metrics.jsonl`` and ``summary.json`` and writes the train and
 eval curves to ``docs/int8_momentum.png`` and the final losses to
 ``docs/results/int8_momentum.{json,md}`` (the README's table is generated from the .md).
@@ -24,7 +26,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parents[1]
-DTYPES = ("float32", "int8")
+DTYPES = ("float32", "int8")  # (baseline, int8): --baseline replaces the first
 SEEDS = (0, 1)
 MOMENTUM = 0.9  # the runs' --config.optimizer.momentum, for the chart's title
 
@@ -41,63 +43,79 @@ def read_run(workdir: Path) -> dict:
   }
 
 
-def plot(runs: dict[tuple[str, int], dict], path: Path) -> None:
-  """The curves (int8's drawn over float32's, which they hide), then int8 − float32 against
-  the seeds' spread, where a difference would show."""
+def plot(
+  runs: dict[tuple[str, int], dict],
+  path: Path,
+  dtypes: tuple[str, str] = DTYPES,
+  seeds: tuple[int, ...] = SEEDS,
+) -> None:
+  """The curves (int8's drawn over the baseline's, which they hide), then int8 − baseline
+  against the baseline's seed spread, where a difference would show."""
+  base = dtypes[0]
   fig = Figure(figsize=(15, 4))
   train_ax, eval_ax, diff_ax = fig.subplots(1, 3)
-  colors = {"float32": "tab:blue", "int8": "tab:orange"}
-  styles = {0: "-", 1: "--"}
+  colors = {base: "tab:blue", "int8": "tab:orange"}
+  styles = dict(zip(seeds, ("-", "--", ":", "-."), strict=False))
   for (dtype, seed), run in runs.items():
     label = f"{dtype} momentum, seed {seed}"
     for ax, key, marker in ((train_ax, "train", ""), (eval_ax, "eval", "o")):
       steps, losses = zip(*run[key], strict=True)
       ax.plot(steps, losses, styles[seed], marker=marker, color=colors[dtype], label=label, ms=3)
   for key, color in (("eval", "tab:green"), ("train", "tab:purple")):
-    for seed in SEEDS:
+    for seed in seeds:
       steps = [t for t, _ in runs["int8", seed][key]]
       diff = [
-        b - a
-        for (_, a), (_, b) in zip(runs["float32", seed][key], runs["int8", seed][key], strict=True)
+        b - a for (_, a), (_, b) in zip(runs[base, seed][key], runs["int8", seed][key], strict=True)
       ]
       diff_ax.plot(steps, diff, styles[seed], color=color, label=f"{key}, seed {seed}")
-    spread = [
-      abs(b - a)
-      for (_, a), (_, b) in zip(runs["float32", 0][key], runs["float32", 1][key], strict=True)
-    ]
+    curves = [[loss for _, loss in runs[base, seed][key]] for seed in seeds]
+    spread = [max(losses) - min(losses) for losses in zip(*curves, strict=True)]
     diff_ax.fill_between(steps, [-x for x in spread], spread, color=color, alpha=0.1)
   train_ax.set(title="train loss (mean of 50 steps)", xlabel="step", ylabel="loss (nats/byte)")
   eval_ax.set(title="eval loss (held-out files)", xlabel="step")
   diff_ax.set(
-    title="int8 − float32 (shaded: ± float32's seed 1 − seed 0)", xlabel="step", ylabel="nats/byte"
+    title=f"int8 − {base} (shaded: ± {base}'s seed spread)", xlabel="step", ylabel="nats/byte"
   )
   for ax in (train_ax, eval_ax, diff_ax):
     ax.grid(alpha=0.3)
   eval_ax.legend(fontsize=8)
   diff_ax.legend(fontsize=8)
-  fig.suptitle(f"Adafactor on the default job, momentum {MOMENTUM} stored in float32 or int8")
+  fig.suptitle(f"Adafactor on the default job, momentum {MOMENTUM} stored in {base} or int8")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
 
 
-def table(runs: dict[tuple[str, int], dict]) -> str:
-  """Final losses by seed, int8 against float32, and the seeds' spread beside it."""
+def table(
+  runs: dict[tuple[str, int], dict],
+  dtypes: tuple[str, str] = DTYPES,
+  seeds: tuple[int, ...] = SEEDS,
+) -> str:
+  """Final losses by seed, int8 against the baseline, and the seeds' spread beside it."""
+  base = dtypes[0]
   lines = [
-    "| seed | final eval loss, float32 momentum | int8 momentum | int8 − float32 "
-    "| final train loss, float32 momentum | int8 momentum | int8 − float32 |",
+    f"| seed | final eval loss, {base} momentum | int8 momentum | int8 − {base} "
+    f"| final train loss, {base} momentum | int8 momentum | int8 − {base} |",
     "|---|---:|---:|---:|---:|---:|---:|",
   ]
-  for seed in SEEDS:
+  for seed in seeds:
     cells = []
     for key in ("final_eval_loss", "final_train_loss"):
-      f32, int8 = runs["float32", seed][key], runs["int8", seed][key]
-      cells += [f"{f32:.4f}", f"{int8:.4f}", f"{int8 - f32:+.4f}"]
+      baseline, int8 = runs[base, seed][key], runs["int8", seed][key]
+      cells += [f"{baseline:.4f}", f"{int8:.4f}", f"{int8 - baseline:+.4f}"]
     lines.append(f"| {seed} | " + " | ".join(cells) + " |")
   cells = []
   for key in ("final_eval_loss", "final_train_loss"):
-    spreads = [runs[dtype, SEEDS[1]][key] - runs[dtype, SEEDS[0]][key] for dtype in DTYPES]
-    cells += [f"{spreads[0]:+.4f}", f"{spreads[1]:+.4f}", ""]
-  lines.append(f"| seed {SEEDS[1]} − seed {SEEDS[0]} | " + " | ".join(cells) + " |")
+    if len(seeds) == 2:  # signed, as the two seeds' difference
+      spreads = [runs[dtype, seeds[1]][key] - runs[dtype, seeds[0]][key] for dtype in dtypes]
+      cells += [f"{spreads[0]:+.4f}", f"{spreads[1]:+.4f}", ""]
+    else:
+      spreads = [
+        max(runs[dtype, s][key] for s in seeds) - min(runs[dtype, s][key] for s in seeds)
+        for dtype in dtypes
+      ]
+      cells += [f"{spreads[0]:.4f}", f"{spreads[1]:.4f}", ""]
+  label = f"seed {seeds[1]} − seed {seeds[0]}" if len(seeds) == 2 else "largest − smallest"
+  lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -105,17 +123,23 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--runs", default="runs/int8_momentum", help="the runs' parent directory")
   parser.add_argument("--out", default=str(ROOT / "docs"), help="where the chart and results go")
+  parser.add_argument("--baseline", default=DTYPES[0], help="the dtype int8 is compared with")
+  parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds")
   args = parser.parse_args(argv)
   root, out = Path(args.runs), Path(args.out)
+  dtypes = (args.baseline, "int8")
+  seeds = tuple(int(s) for s in args.seeds.split(","))
+  if len(seeds) < 2:
+    parser.error("--seeds needs two seeds or more, for a spread")
   runs = {}
-  for seed in SEEDS:
-    for dtype in DTYPES:
+  for seed in seeds:
+    for dtype in dtypes:
       runs[dtype, seed] = read_run(root / f"{dtype}_seed{seed}")
   (out / "results").mkdir(parents=True, exist_ok=True)
-  plot(runs, out / "int8_momentum.png")
+  plot(runs, out / "int8_momentum.png", dtypes, seeds)
   results = {f"{dtype}_seed{seed}": run for (dtype, seed), run in runs.items()}
   (out / "results" / "int8_momentum.json").write_text(json.dumps(results, indent=2) + "\n")
-  (out / "results" / "int8_momentum.md").write_text(table(runs))
+  (out / "results" / "int8_momentum.md").write_text(table(runs, dtypes, seeds))
 
 
 if __name__ == "__main__":

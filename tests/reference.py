@@ -27,18 +27,15 @@ def _abs2(x: np.ndarray) -> np.ndarray:
   return (x * np.conj(x)).real
 
 
-def int8_round_trip(m: np.ndarray, block: int = 32) -> np.ndarray:
-  """m as int8 momentum stores it: per block of ``block`` elements along the last
-  axis (one block when that axis is not a multiple of it), values rounded to the
-  grid of max|m| / 127 (to nearest even), in float64."""
-  shape = m.shape
-  n = shape[-1] if shape else 1
-  size = block if n % block == 0 else n
-  blocks = m.reshape(*shape[:-1], n // size, size)
-  absmax = np.max(np.abs(blocks), -1, keepdims=True)
+def int8_round_trip(m: np.ndarray) -> np.ndarray:
+  """m as int8 momentum stores it: one block per line along the longest axis (the
+  later one on a tie; a scalar alone), values rounded to the grid of max|m| / 127
+  (to nearest even), in float64."""
+  axis = max(range(m.ndim), key=lambda i: (m.shape[i], i)) if m.ndim else None
+  absmax = np.abs(m) if axis is None else np.max(np.abs(m), axis, keepdims=True)
   with np.errstate(invalid="ignore", divide="ignore"):
-    q = np.where(absmax > 0, np.round(127 * blocks / absmax), 0.0)
-  return (q * (absmax / 127)).reshape(shape)
+    q = np.where(absmax > 0, np.round(127 * m / absmax), 0.0)
+  return q * (absmax / 127)
 
 
 def two_largest_axes(shape, min_dim_size_to_factor):

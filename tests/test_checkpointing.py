@@ -132,7 +132,7 @@ def test_orbax_round_trip_is_bit_exact_and_training_resumes_identically(name, tm
       assert leaf.dtype == kwargs["momentum_dtype"]
       assert np.any(np.asarray(leaf, np.float32) != 0)
     if int8:
-      assert momentum.scale["kernel"].shape == (256, 6)  # 192 = 6 blocks of 32
+      assert momentum.scale["kernel"].shape == (1, 192)  # a block per column of 256
       assert all(np.all(np.asarray(s) > 0) for s in jax.tree.leaves(momentum.scale))
   if skip:
     assert isinstance(state, adafactor_jax.SkipNonfiniteState)
@@ -192,6 +192,33 @@ def test_orbax_round_trip_is_bit_exact_and_training_resumes_identically(name, tm
   _assert_bit_identical(state_b, state_a)
   if skip:
     assert int(state_b.skipped_steps) == 2
+
+
+def test_an_int8_checkpoint_of_the_old_blocks_of_32_is_refused_not_misread(tmp_path):
+  """int8 momentum's scales were one per 32 elements along the last axis, now one per line
+  along the longest axis: a checkpoint of the old layout restored into today's state is
+  refused by Orbax (shapes differ); restored as written, the update refuses it, naming the
+  parameter. (A row of 16, one block before and now, reads the same.)"""
+  tx = TXS["momentum_int8"]
+  params = _param_tree(jnp.float32)
+  state = tx.init(params)
+  (node,) = _find(state, adafactor_jax.Int8MomentumState)
+  old_blocks = {k: p.shape[-1] // 32 if p.shape[-1] % 32 == 0 else 1 for k, p in params.items()}
+  old_scales = {k: jnp.ones((*p.shape[:-1], old_blocks[k])) for k, p in params.items()}
+  old = jax.tree.map(
+    lambda x: x._replace(scale=old_scales) if x is node else x, state, is_leaf=lambda x: x is node
+  )
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "old", old)
+  checkpointer.wait_until_finished()
+  with pytest.raises(ValueError, match="not compatible with the stored shape"):
+    checkpointer.restore(tmp_path / "old", jax.eval_shape(tx.init, params))
+  restored = checkpointer.restore(
+    tmp_path / "old", jax.tree.map(ocp.utils.to_shape_dtype_struct, old)
+  )
+  checkpointer.close()
+  with pytest.raises(ValueError, match=r"'bias' have shape \(6,\).*blocks of 32.*tx\.init"):
+    tx.update(_grads(params, 0), restored, params)
 
 
 # --------------------------------------------------------------------------

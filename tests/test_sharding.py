@@ -396,9 +396,11 @@ def test_the_update_communicates_statistics_and_scalars_only(on_eight_devices, c
 
 @pytest.mark.parametrize("case", CASES)
 def test_int8_momentum_and_its_block_scales_follow_the_params_shardings(on_eight_devices, case):
-  """Values sharded exactly like their parameter, scales too (their last axis counts the
-  blocks of 32, which lie inside a shard); the update all-reduces statistics and scalars
-  only, no block maximum: no block spans two shards."""
+  """Values sharded exactly like their parameter; scales (the parameter's shape with the
+  block axis, its longest, of size 1) like it but replicated along that axis. A block is a
+  whole line, so no sharding cuts it: where the block axis is sharded, the update all-reduces
+  the line maxima (int32 bits, the size of the scales), and never moves int8 values."""
+  from adafactor_jax.momentum import block_axis, scale_shape
   from tests.sharded_checks import LAYOUTS, SHAPES
 
   observed, mesh_sizes = _case(on_eight_devices, case), _mesh_sizes(case)
@@ -407,16 +409,22 @@ def test_int8_momentum_and_its_block_scales_follow_the_params_shardings(on_eight
   for key, spec in observed["int8_init"].items():
     kind, name = key.split("/")
     shape = observed["int8_shapes"][key]
+    expected = list(layout[name]) + [None] * (len(SHAPES[name]) - len(layout[name]))
     if kind == "momentum":
       assert shape == list(SHAPES[name])
     else:
-      last = SHAPES[name][-1] if SHAPES[name] else 1
-      assert shape == [*SHAPES[name][:-1], last // 32 if last % 32 == 0 else 1]
-    expected = _canonical(list(layout[name]), mesh_sizes)
+      assert shape == list(scale_shape(SHAPES[name]))
+      if SHAPES[name]:
+        expected[block_axis(SHAPES[name])] = None
+    expected = _canonical(expected, mesh_sizes)
     assert _canonical(spec, mesh_sizes) == expected, (key, spec, expected)
   ops = {op for op, _ in observed["int8_collectives"]}
   assert ops <= {"all-reduce"}, observed["int8_collectives"]
-  assert not any("s32" in result or "s8" in result for _, result in observed["int8_collectives"])
+  assert not any("s8" in result for _, result in observed["int8_collectives"])
+  largest_scales = max(math.prod(scale_shape(shape)) for shape in SHAPES.values())
+  for _, result in observed["int8_collectives"]:
+    if "s32" in result:
+      assert max(_elements(result)) <= largest_scales, result
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -457,7 +457,18 @@ def _resume(
   # then summarizes the norms of the steps after the resume alone.
   if "pending_grad_norms" in work.checkpoint_items:
     target["pending_grad_norms"] = np.full((config.log_every,), np.nan, np.float32)
-  restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+  try:
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+  except ValueError as e:  # the parameters' shapes were checked: the state's differ
+    if "stored shape" not in str(e):
+      raise
+    raise ConfigError(
+      f"--workdir {work.path!r}: its checkpoint of step {step} holds optimizer state of "
+      "shapes this version's optimizer does not make, so it cannot be read (int8 momentum's "
+      "scales changed layout in 2026-12: one per line along the parameter's longest axis, "
+      f"not per 32 elements). Orbax: {str(e).splitlines()[0]} Its checkpoints are left "
+      "untouched: use a new --workdir."
+    ) from e
   params, opt_state = restored["params"], restored["opt_state"]
   pending = step % config.log_every
   window = list(np.asarray(restored["pending_losses"])[:pending])

@@ -14,7 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
@@ -291,3 +293,37 @@ def test_a_finished_run_is_its_summary_and_its_last_checkpoint(tmp_path):
   work.checkpointed = 8
   assert work.finished_summary(8) == {"steps": 8, "final_eval_loss": 1.0}
   assert work.finished_summary(16) is None  # a longer run goes on from it
+
+
+def test_an_int8_checkpoint_of_the_old_blocks_of_32_is_refused_in_one_line(tmp_path, capsys):
+  """int8 momentum's scales were one per 32 elements along the last axis until 2026-12: a
+  checkpoint holding them is refused naming the change, not misread, and is left as it was."""
+  workdir = tmp_path / "int8"
+  momentum = {"optimizer__momentum": 0.9, "optimizer__momentum_dtype": "int8"}
+  assert run_main(*tiny_flags(**momentum), f"--workdir={workdir}") == 0
+  shutil.rmtree(workdir / "checkpoints" / "8")
+  tree = restore(workdir, 4)
+
+  def old_blocks(path, leaf):
+    keys = [getattr(key, "key", None) for key in path]
+    if keys[0] != "opt_state" or "scale" not in keys:
+      return leaf
+    last = leaf.shape[-1] if leaf.shape else 1  # today's scales keep it, or make it 1
+    return np.ones((*leaf.shape[:-1], last // 32 if last % 32 == 0 else 1), np.float32)
+
+  shapes = jax.tree.map(np.shape, tree)
+  tree = jax.tree_util.tree_map_with_path(old_blocks, tree)
+  assert jax.tree.map(np.shape, tree) != shapes  # the embedding's scales: (256, 1), not (1, d)
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  (workdir / "summary.json").unlink()
+  handler = ocp.StandardCheckpointHandler()
+  with ocp.CheckpointManager(workdir / "checkpoints", item_handlers=handler) as manager:
+    manager.save(4, args=ocp.args.StandardSave(tree))
+    manager.wait_until_finished()
+  capsys.readouterr()
+  rc = run_main(*tiny_flags(**momentum), f"--workdir={workdir}")
+  err = capsys.readouterr().err
+  assert rc == 2, err
+  assert "holds optimizer state of shapes this version's optimizer does not make" in err
+  assert "int8 momentum's scales changed layout" in err and "\n" not in err.strip()
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["4"]
