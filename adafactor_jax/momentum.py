@@ -116,8 +116,8 @@ def _max_in_chunks(bits: jax.Array, *, axis: int) -> jax.Array:
   over a long axis into a tree of reductions that does not fuse the elementwise
   work producing ``bits`` and so stores it (4 bytes per element, on top of M_t):
   the maxima over chunks of at most 32 along the axis first, behind a barrier,
-  then over the chunks (a temporary of at most 4 / 2 bytes per element, 1/8 for
-  an axis of a multiple of 32)."""
+  then over the chunks (a temporary of at most 2 bytes per element, 1/8 of a
+  byte for an axis of a multiple of 32)."""
   n = bits.shape[axis]
   chunk = next((size for size in range(32, 1, -1) if n % size == 0), n)
   if chunk in (1, n):
