@@ -211,13 +211,19 @@ def test_an_int8_checkpoint_of_the_old_blocks_of_32_is_refused_not_misread(tmp_p
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp_path / "old", old)
   checkpointer.wait_until_finished()
-  with pytest.raises(ValueError, match="not compatible with the stored shape"):
-    checkpointer.restore(tmp_path / "old", jax.eval_shape(tx.init, params))
+  refusal = r"'bias' have shape \(6,\).*blocks of 32.*tx\.init"
+  try:
+    into_today = checkpointer.restore(tmp_path / "old", jax.eval_shape(tx.init, params))
+  except ValueError as e:
+    assert "not compatible with the stored shape" in str(e)
+  else:  # Orbax 0.11.17 (the floor) restores the stored shapes: the update refuses them
+    with pytest.raises(ValueError, match=refusal):
+      tx.update(_grads(params, 0), into_today, params)
   restored = checkpointer.restore(
     tmp_path / "old", jax.tree.map(ocp.utils.to_shape_dtype_struct, old)
   )
   checkpointer.close()
-  with pytest.raises(ValueError, match=r"'bias' have shape \(6,\).*blocks of 32.*tx\.init"):
+  with pytest.raises(ValueError, match=refusal):
     tx.update(_grads(params, 0), restored, params)
 
 
