@@ -244,7 +244,7 @@ def ema_momentum(
   holds it: where the axis is sharded, each block's maximum is all-reduced, a
   vector the size of a factored statistic. The buffer costs 1 byte per element and
   the scales 4 / (the longest axis) bytes: 0.4% of the buffer for a 1024 x 1024
-  matrix, at most 3.2% for any parameter with an axis of 128 or more (blocks of
+  matrix, at most 3.1% for any parameter with an axis of 128 or more (blocks of
   32 along the last axis, before, cost 12.5%).
 
   Args:

@@ -27,11 +27,16 @@ def _abs2(x: np.ndarray) -> np.ndarray:
   return (x * np.conj(x)).real
 
 
+def int8_block_axis(shape: tuple[int, ...]) -> int | None:
+  """The longest axis (the later one on a tie); None for a scalar, its own block."""
+  return max(range(len(shape)), key=lambda i: (shape[i], i)) if shape else None
+
+
 def int8_round_trip(m: np.ndarray) -> np.ndarray:
   """m as int8 momentum stores it: one block per line along the longest axis (the
   later one on a tie; a scalar alone), values rounded to the grid of max|m| / 127
   (to nearest even), in float64."""
-  axis = max(range(m.ndim), key=lambda i: (m.shape[i], i)) if m.ndim else None
+  axis = int8_block_axis(m.shape)
   absmax = np.abs(m) if axis is None else np.max(np.abs(m), axis, keepdims=True)
   with np.errstate(invalid="ignore", divide="ignore"):
     q = np.where(absmax > 0, np.round(127 * m / absmax), 0.0)

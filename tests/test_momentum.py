@@ -24,7 +24,7 @@ from tests.conftest import (
   run_optax,
   the_node,
 )
-from tests.reference import Options, Reference
+from tests.reference import Options, Reference, int8_block_axis
 
 # A grid step of int8 is 1/127 of its block's largest magnitude: float32 noise of ~1e-7
 # in the update now and then lands a value on the other side of a rounding boundary, one
@@ -39,15 +39,11 @@ def _float64_quantized(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
   """(q, scale, 127 m / max|m|) per line along the longest axis (the later on a tie; a
   scalar alone), in float64; q rounded to nearest even."""
   m = np.asarray(m, np.float64)
-  axis = _block_axis(m.shape)
+  axis = int8_block_axis(m.shape)
   absmax = np.abs(m) if axis is None else np.max(np.abs(m), axis, keepdims=True)
   with np.errstate(invalid="ignore", divide="ignore"):
     ratio = np.where(absmax > 0, 127 * m / absmax, 0.0)
   return np.round(ratio), absmax / 127, ratio
-
-
-def _block_axis(shape: tuple[int, ...]) -> int | None:
-  return max(range(len(shape)), key=lambda i: (shape[i], i)) if shape else None
 
 
 def _assert_quantized_as_float64(q, scale, m64) -> None:
@@ -77,7 +73,7 @@ def _updates(seed: int) -> dict:
   for name, shape in SHAPES.items():
     x = rng.standard_normal(shape).astype(np.float32)
     if len(shape) >= 2:  # blocks a thousandfold apart, and an all-zero one
-      axis = _block_axis(shape)
+      axis = int8_block_axis(shape)
       across = [n if i != axis else 1 for i, n in enumerate(shape)]
       x *= 10.0 ** rng.integers(-3, 1, size=across)
       np.moveaxis(x, axis, -1)[(0,) * (len(shape) - 1)] = 0.0
@@ -127,7 +123,7 @@ def test_each_step_is_the_float64_quantized_ema_and_the_update_is_the_stored_mom
     for k in ("rows", "columns", "stacked"):  # the zero block stays 0
       assert np.sum(np.asarray(state.scale[k]) == 0) == 1
       zero = np.asarray(momentum_lib.dequantize(state.momentum[k], state.scale[k])) == 0
-      assert np.sum(np.all(zero, _block_axis(SHAPES[k]))) == 1
+      assert np.sum(np.all(zero, int8_block_axis(SHAPES[k]))) == 1
 
 
 @pytest.mark.parametrize("name", ["rows", "columns", "stacked"])
@@ -138,7 +134,7 @@ def test_every_element_is_within_half_a_grid_step_and_the_largest_is_exact(name)
   x, q, scale = u[name], np.asarray(state.momentum[name]), np.asarray(state.scale[name])
   stored = np.asarray(momentum_lib.dequantize(q, scale))
   assert np.all(np.abs(stored - x) <= 0.5 * scale * (1 + 1e-6))
-  largest = np.max(np.abs(q), _block_axis(SHAPES[name]))
+  largest = np.max(np.abs(q), int8_block_axis(SHAPES[name]))
   assert np.sum(largest == 127) == largest.size - 1 and np.sum(largest == 0) == 1
 
 
