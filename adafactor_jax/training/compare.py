@@ -3,7 +3,7 @@
 Usage::
 
   adafactor-compare [--suite default|paper|switch|fair] [--workdir runs/compare] [--num_steps N]
-                    [--rows ROW,...] [--noprogress] [--config.<key>=<value> ...]
+                    [--rows ROW,...] [--ledger DIR] [--noprogress] [--config.<key>=<value> ...]
   python -m adafactor_jax.training.compare ...      # the same
 
 Suites:
@@ -24,6 +24,11 @@ Suites:
 ``adafactor-train``. Each run has its own workdir under ``--workdir``;
 rerunning the command resumes unfinished runs and reuses finished ones. The results go to
 ``<workdir>/<suite>.json``, ``<suite>.md`` and ``<suite>.png``.
+
+``--ledger DIR`` keeps each finished run's result (its config, summary and curves: a few KB,
+against a workdir's megabytes of checkpoints) in ``DIR/<run name>.json``; a run whose
+entry holds its exact config is read from there instead of trained. Committed, a ledger
+lets another machine redo a suite's tables, or go on with its runs, without the workdirs.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import shutil
 import sys
 from typing import Any
 
+import ml_collections
 from absl import flags
 from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
 
@@ -42,11 +48,13 @@ from adafactor_jax.training import input_pipeline, sweep, train
 from adafactor_jax.training.config import (
   TRAINER_KEYS,
   ConfigError,
+  flatten,
   optimizer_arguments,
   override_values,
   set_config_value,
 )
 from adafactor_jax.training.configs import adamw, big_vision, default, paper
+from adafactor_jax.training.workdir import upgrade
 
 ADAMW_LEARNING_RATES = (1e-3, 3e-3, 1e-2)
 PAPER_STEPS = 300
@@ -93,6 +101,7 @@ def run_suite(
   progress: bool = True,
   overrides: dict[str, Any] | None = None,
   rows: list[str] | None = None,
+  ledger: str | None = None,
 ) -> list[dict[str, Any]]:
   """Trains every run of a suite (resuming where a workdir has one) and returns their results.
 
@@ -104,9 +113,17 @@ def run_suite(
     overrides: dotted config keys set on every run, e.g. ``{"model.d_model": 32}``; an
       optimizer's argument on the runs whose optimizer takes it.
     rows: the fair suite's rows to run (default all: ``sweep.ROWS``).
+    ledger: a folder of finished runs' results, read before training a run and written after
+      (``<ledger>/<run name>.json``); a run is read from it only where its config is exactly
+      the one recorded.
   """
   if rows is not None and suite != "fair":
     raise ConfigError(f"--rows picks rows of --suite=fair, not of --suite={suite}.")
+  if ledger is not None and suite == "switch":
+    raise ConfigError(
+      "--ledger cannot stand in for --suite=switch's workdirs: its switched runs start from "
+      "the halfway checkpoint of the run they switch from."
+    )
 
   def configure(config: Any) -> None:
     for key, value in (overrides or {}).items():
@@ -125,6 +142,12 @@ def run_suite(
   def run(config: Any, name: str) -> dict[str, Any]:
     if progress:
       print(f"\n=== {suite}/{name}", flush=True)
+    entry = None if ledger is None else os.path.join(ledger, name + ".json")
+    recorded = None if entry is None else _recorded_result(entry, config)
+    if recorded is not None:
+      if progress:
+        print(f"{entry} holds this run, finished: final eval loss {recorded['final_eval_loss']}")
+      return recorded
     run_dir = os.path.join(workdir, suite, name)
     if config.optimizer.switch_from is not None and not os.path.exists(run_dir):
       _halfway_copy(os.path.join(workdir, suite, config.optimizer.switch_from), run_dir)
@@ -133,7 +156,13 @@ def run_suite(
       curve = [json.loads(line) for line in f]
     eval_curve = [(r["step"], r["eval_loss"]) for r in curve if "eval_loss" in r]
     train_curve = [(r["step"], r["train_loss"]) for r in curve if "train_loss" in r]
-    return {"name": name, **summary, "eval_curve": eval_curve, "train_curve": train_curve}
+    result = {"name": name, **summary, "eval_curve": eval_curve, "train_curve": train_curve}
+    if entry is not None:
+      os.makedirs(os.path.dirname(entry), exist_ok=True)
+      with open(entry + ".tmp", "w") as f:
+        json.dump({"config": json.loads(config.to_json()), "result": result}, f, indent=1)
+      os.replace(entry + ".tmp", entry)  # a ledger read mid-write holds the old entry or none
+    return result
 
   if suite == "fair":
     return sweep.run_protocol(run, configure, rows)
@@ -142,6 +171,22 @@ def run_suite(
     configure(config)
     results.append(run(config, name))
   return results
+
+
+def _recorded_result(entry: str, config: Any) -> dict[str, Any] | None:
+  """The result a ledger entry holds, if it exists and holds this exact config (read as this
+  version writes configs, :func:`~adafactor_jax.training.workdir.upgrade`); else None."""
+  try:
+    with open(entry) as f:
+      recorded = json.load(f)
+  except FileNotFoundError:
+    return None
+  current = flatten(ml_collections.ConfigDict(json.loads(config.to_json())))
+  if flatten(upgrade(recorded["config"])) != current:
+    return None
+  result = recorded["result"]
+  curves = ("eval_curve", "train_curve")  # JSON has no tuples: their pairs come back as lists
+  return {**result, **{k: [tuple(pair) for pair in result[k]] for k in curves}}
 
 
 def _halfway_copy(source: str, destination: str) -> None:
@@ -290,6 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     "every row writes the results.",
     flag_values=flag_values,
   )
+  flags.DEFINE_string(
+    "ledger",
+    None,
+    "A folder of finished runs' results (<ledger>/<run>.json), read before training a run and "
+    "written after: committed, it lets another machine reuse the runs without their workdirs.",
+    flag_values=flag_values,
+  )
   if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv[1:]):
     print(f"{__doc__}\nFlags:\n{flag_values.get_help()}")
     return 0
@@ -301,7 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     suite, workdir = flag_values.suite, flag_values.workdir
     rows = flag_values.rows
     results = run_suite(
-      suite, workdir, flag_values.num_steps, flag_values.progress, overrides, rows
+      suite,
+      workdir,
+      flag_values.num_steps,
+      flag_values.progress,
+      overrides,
+      rows,
+      flag_values.ledger,
     )
   except (flags.Error, ConfigError, input_pipeline.CorpusError) as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -311,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + render(results))
     return 0
   base = os.path.join(workdir, suite)
+  os.makedirs(workdir, exist_ok=True)  # where a ledger held every run, nothing made it
   with open(base + ".json", "w") as f:
     json.dump(results, f, indent=2)
   # the overrides name the model size, so that charts of two sizes are told apart

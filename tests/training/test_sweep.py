@@ -270,6 +270,36 @@ def test_rows_train_apart_and_a_run_of_every_row_reuses_them(fake_training, tmp_
   assert sorted(fake_training.reused) == sorted(trained_apart)
 
 
+def test_a_ledger_stands_in_for_lost_workdirs_only_where_the_config_is_the_same(
+  fake_training, tmp_path, capsys
+):
+  ledger = tmp_path / "ledger"
+  argv = ["adafactor-compare", "--suite=fair", "--num_steps=40", f"--ledger={ledger}"]
+  assert compare.main([*argv, f"--workdir={tmp_path / 'a'}", "--noprogress"]) == 0
+  first = json.loads((tmp_path / "a" / "fair.json").read_text())
+  entries = sorted(p.relative_to(ledger).as_posix() for p in ledger.rglob("*.json"))
+  assert entries == sorted(
+    os.path.relpath(w, tmp_path / "a" / "fair") + ".json" for w in fake_training
+  )
+  # Another machine: no workdirs, the ledger alone. Nothing trains; the same tables.
+  trained = set(fake_training)
+  assert compare.main([*argv, f"--workdir={tmp_path / 'b'}", "--noprogress"]) == 0
+  assert set(fake_training) == trained and not fake_training.reused
+  assert json.loads((tmp_path / "b" / "fair.json").read_text()) == first
+  assert (tmp_path / "b" / "fair.md").read_text() == (tmp_path / "a" / "fair.md").read_text()
+  # A run of another config is not read from the ledger: 41 steps train every run anew.
+  longer = [a.replace("--num_steps=40", "--num_steps=41") for a in argv]
+  assert compare.main([*longer, f"--workdir={tmp_path / 'c'}", "--rows=adafactor"]) == 0
+  assert {w for w in fake_training if "/c/" in w} == {
+    str(tmp_path / "c" / "fair" / e.removesuffix(".json"))
+    for e in entries
+    if e.startswith("adafactor/")
+  }
+  capsys.readouterr()
+  assert compare.main(["adafactor-compare", "--suite=switch", f"--ledger={ledger}"]) == 2
+  assert "--ledger cannot stand in for --suite=switch's workdirs" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
   ("flag", "message"),
   [
