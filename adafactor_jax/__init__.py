@@ -13,6 +13,7 @@ from adafactor_jax.factored import (
 from adafactor_jax.fused import FusedState, FusedTrainStep, fused_train_step
 from adafactor_jax.momentum import EmaMomentumState, Int8MomentumState, ema_momentum
 from adafactor_jax.nonfinite import SkipNonfiniteState, skip_nonfinite
+from adafactor_jax.ordered import update_and_apply
 from adafactor_jax.rounding import StochasticRoundingState, stochastic_round, stochastic_rounding
 from adafactor_jax.scaling import scale_by_learning_rate, scale_by_parameter_scale
 from adafactor_jax.schedules import decay_rate_pow, relative_step_size
@@ -50,5 +51,6 @@ __all__ = [
   "stochastic_round",
   "stochastic_rounding",
   "telemetry",
+  "update_and_apply",
   "warm_start_state",
 ]

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jax_core
 
 
 def concrete_value(value: Any) -> Any:
@@ -159,3 +160,62 @@ def zeros_like_param(
   if reduced_axes:
     zeros = jnp.sum(zeros, reduced_axes, keepdims=True)
   return zeros.astype(dtype)
+
+
+def _sub_jaxpr(eqn: Any) -> Any:
+  """The jaxpr an equation calls once with its operands (jit, custom_jvp, remat...), or None
+  (loops, whose outputs feed back into their inputs, are left to the conservative rule)."""
+  if eqn.primitive.name in ("scan", "while", "cond"):
+    return None
+  for value in eqn.params.values():
+    jaxpr = getattr(value, "jaxpr", value)
+    if isinstance(jaxpr, jax_core.Jaxpr) and len(jaxpr.invars) == len(eqn.invars):
+      return jaxpr
+  return None
+
+
+def _dependencies(jaxpr: Any) -> list[frozenset[int]]:
+  """For each output of ``jaxpr``, the indices of the inputs it may depend on.
+
+  Conservative: an equation's outputs depend on all its inputs, except through an
+  optimization barrier (output i on input i) and calls, which are followed inside.
+  """
+  found: dict[Any, frozenset[int]] = {v: frozenset([i]) for i, v in enumerate(jaxpr.invars)}
+
+  def of(v: Any) -> frozenset[int]:
+    return found.get(v, frozenset()) if isinstance(v, jax_core.Var) else frozenset()
+
+  for eqn in jaxpr.eqns:
+    inputs = [of(v) for v in eqn.invars]
+    inner = _sub_jaxpr(eqn)
+    if eqn.primitive.name == "optimization_barrier":
+      outputs = inputs
+    elif inner is not None:
+      outputs = [frozenset().union(*(inputs[j] for j in deps)) for deps in _dependencies(inner)]
+    else:
+      outputs = [frozenset().union(*inputs)] * len(eqn.outvars)
+    found.update(zip(eqn.outvars, outputs, strict=True))
+  return [of(v) for v in jaxpr.outvars]
+
+
+def check_per_parameter(tx: Any, params: Any, state: Any, caller: str, why: str) -> None:
+  """Raises ValueError unless ``tx``'s update of each parameter reads its own gradient and
+  value only (traced on ``params``' shapes; ``why`` ends the message: what the caller lacks,
+  and what to do instead)."""
+  paths = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  n = len(paths)
+
+  def update(grads: Any, params: Any, state: Any) -> Any:
+    return tx.update(grads, state, params)[0]
+
+  shapes = jax.eval_shape(lambda: (params, state))
+  closed = jax.make_jaxpr(update)(shapes[0], shapes[0], shapes[1])
+  for i, deps in enumerate(_dependencies(closed.jaxpr)[:n]):
+    # Inputs 0..n-1 are the gradients, n..2n-1 the parameters, then the state.
+    others = sorted({d % n for d in deps if d < 2 * n} - {i})
+    if others:
+      raise ValueError(
+        f"{caller} needs tx to update each parameter from its own gradient and value, but "
+        f"the update of '{paths[i]}' reads those of '{paths[others[0]]}' (a global-norm clip, "
+        f"or a step skipped or accumulated as a whole, needs every gradient at once, {why}"
+      )

@@ -8,7 +8,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.extend import core as jax_core
 
 from adafactor_jax import _checks
 from adafactor_jax.nonfinite import SkipNonfiniteState
@@ -39,42 +38,6 @@ class FusedTrainStep(NamedTuple):
   step: Callable[[Any, Any, FusedState, Batch], tuple[Any, Any, FusedState, jax.Array]]
 
 
-def _sub_jaxpr(eqn: Any) -> Any:
-  """The jaxpr an equation calls once with its operands (jit, custom_jvp, remat...), or None
-  (loops, whose outputs feed back into their inputs, are left to the conservative rule)."""
-  if eqn.primitive.name in ("scan", "while", "cond"):
-    return None
-  for value in eqn.params.values():
-    jaxpr = getattr(value, "jaxpr", value)
-    if isinstance(jaxpr, jax_core.Jaxpr) and len(jaxpr.invars) == len(eqn.invars):
-      return jaxpr
-  return None
-
-
-def _dependencies(jaxpr: Any) -> list[frozenset[int]]:
-  """For each output of ``jaxpr``, the indices of the inputs it may depend on.
-
-  Conservative: an equation's outputs depend on all its inputs, except through an
-  optimization barrier (output i on input i) and calls, which are followed inside.
-  """
-  found: dict[Any, frozenset[int]] = {v: frozenset([i]) for i, v in enumerate(jaxpr.invars)}
-
-  def of(v: Any) -> frozenset[int]:
-    return found.get(v, frozenset()) if isinstance(v, jax_core.Var) else frozenset()
-
-  for eqn in jaxpr.eqns:
-    inputs = [of(v) for v in eqn.invars]
-    inner = _sub_jaxpr(eqn)
-    if eqn.primitive.name == "optimization_barrier":
-      outputs = inputs
-    elif inner is not None:
-      outputs = [frozenset().union(*(inputs[j] for j in deps)) for deps in _dependencies(inner)]
-    else:
-      outputs = [frozenset().union(*inputs)] * len(eqn.outvars)
-    found.update(zip(eqn.outvars, outputs, strict=True))
-  return [of(v) for v in jaxpr.outvars]
-
-
 def _check_per_parameter(tx: optax.GradientTransformation, layer_params: Any, state: Any) -> None:
   """Raises ValueError unless each parameter's update reads its own gradient and value only
   (checked on the traced update of one layer)."""
@@ -85,25 +48,13 @@ def _check_per_parameter(tx: optax.GradientTransformation, layer_params: Any, st
         "(skip_nonfinite=True): it has updated the last layers before the first layers' "
         "gradients exist. Build tx without skip_nonfinite."
       )
-  paths = [_checks.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(layer_params)]
-  n = len(paths)
-
-  def update(grads: Any, params: Any, state: Any) -> Any:
-    return tx.update(grads, state, params)[0]
-
-  state_shapes = jax.eval_shape(lambda: state)
-  closed = jax.make_jaxpr(update)(layer_params, layer_params, state_shapes)
-  for i, deps in enumerate(_dependencies(closed.jaxpr)[:n]):
-    # Inputs 0..n-1 are the gradients, n..2n-1 the parameters, then the state.
-    others = sorted({d % n for d in deps if d < 2 * n} - {i})
-    if others:
-      raise ValueError(
-        f"fused_train_step needs tx to update each parameter from its own gradient and "
-        f"value, but the update of '{paths[i]}' reads those of '{paths[others[0]]}' (a "
-        "global-norm clip, or a step skipped or accumulated as a whole, needs every "
-        "gradient at once, which the fused step never holds). Use such a transformation "
-        "with an unfused step."
-      )
+  _checks.check_per_parameter(
+    tx,
+    layer_params,
+    state,
+    "fused_train_step",
+    "which the fused step never holds). Use such a transformation with an unfused step.",
+  )
 
 
 def _layer(tree: Any, i: jax.Array | int) -> Any:

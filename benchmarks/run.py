@@ -79,8 +79,13 @@ TPU_OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], Any]
     jnp.float32,
   ),
   "adafactor_jax_bf16_params": (OPTIMIZERS["adafactor_jax"], jnp.bfloat16),
+  "adafactor_jax_in_groups": (OPTIMIZERS["adafactor_jax"], jnp.float32),
 }
 """``--topology``'s optimizers: (builder, parameter dtype) by name."""
+
+IN_GROUPS = {"adafactor_jax_in_groups": 3}
+"""``--topology``'s rows whose step is ``adafactor_jax.update_and_apply`` in that many
+groups, where the others' is ``tx.update`` and ``optax.apply_updates``."""
 
 TPU_TREES = ("large", "large_stacked", *trees_lib.TREES)
 """``--topology``'s default trees: those of large leaves first (see trees.large_matrices)."""
@@ -119,6 +124,15 @@ def _step(tx: optax.GradientTransformation) -> Callable[[Any, Any, Any], tuple[A
   def step(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def _step_in_groups(
+  tx: optax.GradientTransformation, groups: int
+) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
+  def step(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
+    return adafactor_jax.update_and_apply(tx, grads, state, params, groups=groups)
 
   return step
 
@@ -389,6 +403,7 @@ LABELS = {
   "optax_adafactor": "optax.adafactor",
   "optax_adafactor_bf16_momentum": "optax.adafactor, bf16 momentum",
   "adafactor_jax_bf16_params": "adafactor_jax, bfloat16 parameters",
+  "adafactor_jax_in_groups": "adafactor_jax, update_and_apply (3 groups)",
   "optax_adamw": "optax.adamw",
   "sgd": "SGD",
   TORCH: "torch.optim.Adafactor",
@@ -560,7 +575,8 @@ def compile_for_topology(
       tx = build()
       state = tpu.on_device(jax.eval_shape(tx.init, params), device)
       start = time.perf_counter()
-      compiled = tpu.compile_for(_step(tx), (params, state, params), donate_argnums=(0, 1))
+      step = _step_in_groups(tx, IN_GROUPS[name]) if name in IN_GROUPS else _step(tx)
+      compiled = tpu.compile_for(step, (params, state, params), donate_argnums=(0, 1))
       per_optimizer[name] = tpu.figures(compiled, n_params, trees_lib.tree_bytes(params)) | {
         "compile_s": time.perf_counter() - start
       }
