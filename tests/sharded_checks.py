@@ -145,6 +145,7 @@ def check(mesh_shape, axis_type, layout) -> dict:
   return {
     **int8_momentum_check(host, grads, shardings, mesh),
     **skip_nonfinite_check(tx, params, state, grads[0], shardings, mesh),
+    **ordered_check(tx, params, state, grads[0], shardings, mesh),
     "init": {k: spec_list(x.sharding) for k, x in named_leaves(init_state).items()},
     "predicted": {k: spec_list(s) for k, s in named_leaves(predicted).items()},
     "abstract_init": {k: spec_list(x.sharding) for k, x in named_leaves(abstract_init).items()},
@@ -224,6 +225,22 @@ def skip_nonfinite_check(tx, params, state, grad, shardings, mesh) -> dict:
       for x, y in zip(
         jax.tree.leaves((new_params, new_state)), jax.tree.leaves((params, state)), strict=True
       )  # fmt: skip
+    ),
+  }
+
+
+def ordered_check(tx, params, state, grad, shardings, mesh) -> dict:
+  """update_and_apply on the mesh: the plain step's values, bit for bit, and its shardings."""
+  plain = jax.jit(train_step(tx))
+  ordered = jax.jit(lambda p, s, g: adafactor_jax.update_and_apply(tx, g, s, p, groups=2))
+  with jax.set_mesh(mesh):
+    grad = jax.device_put(grad, shardings)
+    expected, got = plain(params, state, grad), ordered(params, state, grad)
+  return {
+    "ordered_bit_identical": _bits_equal(got, expected),
+    "ordered_shardings_kept": all(
+      x.sharding == y.sharding
+      for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True)
     ),
   }
 

@@ -282,6 +282,15 @@ def test_skip_nonfinite_under_jit_on_sharded_params(on_eight_devices, case):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_update_and_apply_in_groups_on_sharded_params(on_eight_devices, case):
+  """In groups, on the mesh: the plain step's parameters and state bit for bit, each array
+  where the plain step puts it."""
+  observed = _case(on_eight_devices, case)
+  assert observed["ordered_bit_identical"]
+  assert observed["ordered_shardings_kept"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_state_follows_the_params_shardings(on_eight_devices, case):
   from tests.sharded_checks import LAYOUTS, SHAPES
 
