@@ -138,12 +138,19 @@ def update_and_apply(
   leaves, grad_leaves = treedef.flatten_up_to(params), treedef.flatten_up_to(grads)
   new_leaves: list[Any] = list(leaves)  # each group's new values replace these
   new_state = opt_state
+  masked = [_only(params, set(part)) for part in parts]
+  states = [_group_state(tx, m, opt_state) for m in masked]
   for k, part in enumerate(parts):
     if k:  # the group before finishes before this one, and the rest, read their inputs
       later = [i for p in parts[k:] for i in p]
-      done, inputs = jax.lax.optimization_barrier(
-        ([new_leaves[i] for i in parts[k - 1]], [(leaves[i], grad_leaves[i]) for i in later])
+      done, inputs, later_states = jax.lax.optimization_barrier(
+        (
+          [new_leaves[i] for i in parts[k - 1]],
+          [(leaves[i], grad_leaves[i]) for i in later],
+          states[k:],
+        )
       )
+      states[k:] = later_states
       for i, value in zip(parts[k - 1], done, strict=True):
         new_leaves[i] = value
       for i, (param, grad) in zip(later, inputs, strict=True):
@@ -151,9 +158,7 @@ def update_and_apply(
     keep = set(part)
     group_params = _only(treedef.unflatten(leaves), keep)
     group_grads = _only(treedef.unflatten(grad_leaves), keep)
-    updates, group_state = tx.update(
-      group_grads, _group_state(tx, group_params, opt_state), group_params, **extra_args
-    )
+    updates, group_state = tx.update(group_grads, states[k], group_params, **extra_args)
     applied = jax.tree.leaves(optax.apply_updates(group_params, updates))
     for i, value in zip(sorted(keep), applied, strict=True):
       new_leaves[i] = value

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import adafactor_jax
-from adafactor_jax.ordered import size_groups
+from adafactor_jax.ordered import _only, size_groups
 
 SHAPES = {  # an embedding beside small leaves, a bias, a scalar, a stacked leaf and a None
   "embed": (300, 64),
@@ -111,10 +111,14 @@ def test_the_step_is_ordered_by_barriers_between_groups():
     found = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "optimization_barrier"]
     assert len(found) == barriers
   # The first barrier: the embedding's new value (the largest leaf, alone in the first
-  # group), with every other parameter's value and gradient.
-  n_leaves = len(jax.tree.leaves(params))
-  assert len(found[0].invars) == 1 + 2 * (n_leaves - 1)
-  assert found[0].invars[0].aval.shape == SHAPES["embed"]
+  # group), then every other parameter's value and gradient, then the later groups' state
+  # (its reads, too, wait for the group before).
+  operands = [tuple(v.aval.shape) for v in found[0].invars]
+  assert operands[0] == SHAPES["embed"] and operands.count(SHAPES["embed"]) == 1
+  others = [np.shape(x) for x in jax.tree.leaves(params) if np.shape(x) != SHAPES["embed"]]
+  assert sorted(operands[1 : 1 + 2 * len(others)]) == sorted(others * 2)
+  later_states = [tx.init(_only(params, set(g))) for g in size_groups(params, 3)[1:]]
+  assert len(operands) == 1 + 2 * len(others) + len(jax.tree.leaves(later_states))
 
 
 @pytest.mark.parametrize("groups", [0, -1, 2.0, True, None])
