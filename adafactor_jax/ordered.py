@@ -15,7 +15,7 @@ def _is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def size_groups(params: optax.Params, groups: int) -> list[list[int]]:
+def size_groups(params: optax.Params, *, groups: int) -> list[list[int]]:
   """The indices of ``params``' leaves (``jax.tree.leaves`` order) in ``groups`` groups of
   about equal size, largest leaves first: a leaf goes to the next group once the groups so
   far hold their share of the elements. Empty groups are dropped (fewer leaves than groups,
@@ -78,10 +78,10 @@ def _merged(state: Any, part: Any) -> Any:
 
 def update_and_apply(
   tx: optax.GradientTransformation,
+  *,
   grads: optax.Updates,
   opt_state: optax.OptState,
   params: optax.Params,
-  *,
   groups: int = 3,
   **extra_args: Any,
 ) -> tuple[optax.Params, optax.OptState]:
@@ -123,7 +123,7 @@ def update_and_apply(
   if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
     raise ValueError(f"update_and_apply: groups must be an int >= 1, got {groups!r}.")
   _checks.check_tree_matches(grads, params)
-  parts = size_groups(params, groups)
+  parts = size_groups(params, groups=groups)
   if len(parts) == 1:
     updates, opt_state = tx.update(grads, opt_state, params, **extra_args)
     return optax.apply_updates(params, updates), opt_state

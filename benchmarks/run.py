@@ -132,7 +132,9 @@ def _step_in_groups(
   tx: optax.GradientTransformation, groups: int
 ) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
   def step(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
-    return adafactor_jax.update_and_apply(tx, grads, state, params, groups=groups)
+    return adafactor_jax.update_and_apply(
+      tx, grads=grads, opt_state=state, params=params, groups=groups
+    )
 
   return step
 

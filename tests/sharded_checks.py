@@ -232,7 +232,9 @@ def skip_nonfinite_check(tx, params, state, grad, shardings, mesh) -> dict:
 def ordered_check(tx, params, state, grad, shardings, mesh) -> dict:
   """update_and_apply on the mesh: the plain step's values, bit for bit, and its shardings."""
   plain = jax.jit(train_step(tx))
-  ordered = jax.jit(lambda p, s, g: adafactor_jax.update_and_apply(tx, g, s, p, groups=2))
+  ordered = jax.jit(
+    lambda p, s, g: adafactor_jax.update_and_apply(tx, grads=g, opt_state=s, params=p, groups=2)
+  )
   with jax.set_mesh(mesh):
     grad = jax.device_put(grad, shardings)
     expected, got = plain(params, state, grad), ordered(params, state, grad)

@@ -47,7 +47,11 @@ def plain_steps(tx, params, n):
 
 def ordered_steps(tx, params, n, groups):
   state = tx.init(params)
-  step = jax.jit(lambda g, s, p: adafactor_jax.update_and_apply(tx, g, s, p, groups=groups))
+  step = jax.jit(
+    lambda g, s, p: adafactor_jax.update_and_apply(
+      tx, grads=g, opt_state=s, params=p, groups=groups
+    )
+  )
   for t in range(n):
     params, state = step(tree(100 + t), state, params)
   return params, state
@@ -91,11 +95,11 @@ def test_groups_hold_about_equal_shares_largest_first():
   sizes = {"a": (100,), "b": (10, 10), "c": (50,), "d": (30,), "e": (20,)}
   params = jax.tree.map(jnp.zeros, sizes, is_leaf=lambda x: isinstance(x, tuple))
   # 300 elements, shares of 100: a | b | c, d, e (after c the third share is not yet held).
-  assert size_groups(params, 3) == [[0], [1], [2, 3, 4]]
-  assert size_groups(params, 1) == [[0, 1, 2, 3, 4]]
+  assert size_groups(params, groups=3) == [[0], [1], [2, 3, 4]]
+  assert size_groups(params, groups=1) == [[0, 1, 2, 3, 4]]
   # One leaf larger than several shares: the groups it fills are not left empty.
-  assert size_groups(params, 5) == [[0], [1], [2], [3], [4]]
-  assert size_groups(params, 50) == [[0], [1], [2], [3], [4]]
+  assert size_groups(params, groups=5) == [[0], [1], [2], [3], [4]]
+  assert size_groups(params, groups=50) == [[0], [1], [2], [3], [4]]
 
 
 def test_the_step_is_ordered_by_barriers_between_groups():
@@ -106,7 +110,9 @@ def test_the_step_is_ordered_by_barriers_between_groups():
   state = tx.init(params)
   for groups, barriers in ((1, 0), (3, 2)):
     jaxpr = jax.make_jaxpr(
-      lambda g, s, p, k=groups: adafactor_jax.update_and_apply(tx, g, s, p, groups=k)
+      lambda g, s, p, k=groups: adafactor_jax.update_and_apply(
+        tx, grads=g, opt_state=s, params=p, groups=k
+      )
     )(params, state, params)
     found = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "optimization_barrier"]
     assert len(found) == barriers
@@ -117,7 +123,7 @@ def test_the_step_is_ordered_by_barriers_between_groups():
   assert operands[0] == SHAPES["embed"] and operands.count(SHAPES["embed"]) == 1
   others = [np.shape(x) for x in jax.tree.leaves(params) if np.shape(x) != SHAPES["embed"]]
   assert sorted(operands[1 : 1 + 2 * len(others)]) == sorted(others * 2)
-  later_states = [tx.init(_only(params, set(g))) for g in size_groups(params, 3)[1:]]
+  later_states = [tx.init(_only(params, set(g))) for g in size_groups(params, groups=3)[1:]]
   assert len(operands) == 1 + 2 * len(others) + len(jax.tree.leaves(later_states))
 
 
@@ -126,7 +132,9 @@ def test_groups_must_be_a_positive_int(groups):
   tx = adafactor_jax.adafactor(1e-2)
   params = tree(0)
   with pytest.raises(ValueError, match=rf"groups must be an int >= 1, got {groups!r}"):
-    adafactor_jax.update_and_apply(tx, params, tx.init(params), params, groups=groups)
+    adafactor_jax.update_and_apply(
+      tx, grads=params, opt_state=tx.init(params), params=params, groups=groups
+    )
 
 
 def test_a_transformation_reading_other_gradients_is_refused_by_name():
@@ -135,9 +143,11 @@ def test_a_transformation_reading_other_gradients_is_refused_by_name():
   tx = optax.chain(optax.clip_by_global_norm(1.0), adafactor_jax.adafactor(1e-2))
   params = tree(0)
   with pytest.raises(ValueError, match=r"update_and_apply needs tx to update each parameter"):
-    adafactor_jax.update_and_apply(tx, params, tx.init(params), params)
+    adafactor_jax.update_and_apply(tx, grads=params, opt_state=tx.init(params), params=params)
   # One group is the plain step: nothing to refuse.
-  adafactor_jax.update_and_apply(tx, params, tx.init(params), params, groups=1)
+  adafactor_jax.update_and_apply(
+    tx, grads=params, opt_state=tx.init(params), params=params, groups=1
+  )
 
 
 @pytest.mark.parametrize(
@@ -151,7 +161,7 @@ def test_a_transformation_reading_other_gradients_is_refused_by_name():
 def test_a_state_or_step_of_all_parameters_at_once_is_refused(tx):
   params = tree(0)
   with pytest.raises(ValueError, match=r"update_and_apply needs tx") as raised:
-    adafactor_jax.update_and_apply(tx, params, tx.init(params), params)
+    adafactor_jax.update_and_apply(tx, grads=params, opt_state=tx.init(params), params=params)
   assert "telemetry" in str(raised.value) or "skipped" in str(raised.value)
 
 
@@ -160,4 +170,4 @@ def test_gradients_of_another_tree_are_refused():
   params = tree(0)
   grads = {k: v for k, v in params.items() if k != "head"}
   with pytest.raises(ValueError, match="head"):
-    adafactor_jax.update_and_apply(tx, grads, tx.init(params), params)
+    adafactor_jax.update_and_apply(tx, grads=grads, opt_state=tx.init(params), params=params)
