@@ -3,7 +3,8 @@
 Usage::
 
   adafactor-compare [--suite default|paper|switch|fair] [--workdir runs/compare] [--num_steps N]
-                    [--rows ROW,...] [--ledger DIR] [--noprogress] [--config.<key>=<value> ...]
+                    [--rows ROW,...] [--ledger DIR [--from_ledger]] [--noprogress]
+                    [--config.<key>=<value> ...]
   python -m adafactor_jax.training.compare ...      # the same
 
 Suites:
@@ -29,6 +30,8 @@ rerunning the command resumes unfinished runs and reuses finished ones. The resu
 against a workdir's megabytes of checkpoints) in ``DIR/<run name>.json``; a run whose
 entry holds its exact config is read from there instead of trained. Committed, a ledger
 lets another machine redo a suite's tables, or go on with its runs, without the workdirs.
+``--from_ledger`` trains nothing: the suite's files from the ledger's runs alone, without the
+runs it lacks (in the fair suite, without the rows that lack a run), which it names.
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ def run_suite(
   overrides: dict[str, Any] | None = None,
   rows: list[str] | None = None,
   ledger: str | None = None,
+  from_ledger: bool = False,
 ) -> list[dict[str, Any]]:
   """Trains every run of a suite (resuming where a workdir has one) and returns their results.
 
@@ -116,9 +120,13 @@ def run_suite(
     ledger: a folder of finished runs' results, read before training a run and written after
       (``<ledger>/<run name>.json``); a run is read from it only where its config is exactly
       the one recorded.
+    from_ledger: train nothing: read every run from ``ledger``, and leave out the runs it
+      lacks (in the fair suite, the rows with a run it lacks).
   """
   if rows is not None and suite != "fair":
     raise ConfigError(f"--rows picks rows of --suite=fair, not of --suite={suite}.")
+  if from_ledger and ledger is None:
+    raise ConfigError("--from_ledger reads every run from --ledger: pass --ledger=DIR too.")
   if ledger is not None and suite == "switch":
     raise ConfigError(
       "--ledger cannot stand in for --suite=switch's workdirs: its switched runs start from "
@@ -148,6 +156,8 @@ def run_suite(
       if progress:
         print(f"{entry} holds this run, finished: final eval loss {recorded['final_eval_loss']}")
       return recorded
+    if from_ledger:
+      raise sweep.MissingRun(name)
     run_dir = os.path.join(workdir, suite, name)
     if config.optimizer.switch_from is not None and not os.path.exists(run_dir):
       _halfway_copy(os.path.join(workdir, suite, config.optimizer.switch_from), run_dir)
@@ -165,11 +175,17 @@ def run_suite(
     return result
 
   if suite == "fair":
-    return sweep.run_protocol(run, configure, rows)
-  results = []
-  for name, config in suite_configs(suite).items():
-    configure(config)
-    results.append(run(config, name))
+    results = sweep.run_protocol(run, configure, rows)
+  else:
+    results = []
+    for name, config in suite_configs(suite).items():
+      configure(config)
+      try:
+        results.append(run(config, name))
+      except sweep.MissingRun:
+        continue
+  if from_ledger and not results:  # an empty table would say nothing
+    raise ConfigError(f"--from_ledger: {ledger} holds no complete row of --suite={suite}.")
   return results
 
 
@@ -342,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     "written after: committed, it lets another machine reuse the runs without their workdirs.",
     flag_values=flag_values,
   )
+  flags.DEFINE_bool(
+    "from_ledger",
+    False,
+    "Train nothing: the suite's files from the --ledger's runs alone, leaving out the runs it "
+    "lacks (in the fair suite, the rows with a run it lacks).",
+    flag_values=flag_values,
+  )
   if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv[1:]):
     print(f"{__doc__}\nFlags:\n{flag_values.get_help()}")
     return 0
@@ -360,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
       overrides,
       rows,
       flag_values.ledger,
+      flag_values.from_ledger,
     )
   except (flags.Error, ConfigError, input_pipeline.CorpusError) as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -382,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
   draw(results, base + ".png", title)
   print("\n" + text)
   print(f"\nwrote {base}.json, {base}.md and {base}.png")
+  expected = [row.name for row in sweep.ROWS] if suite == "fair" else list(suite_configs(suite))
+  missing = [name for name in expected if name not in {r["name"] for r in results}]
+  if missing:
+    print(f"left out, their runs not all in {flag_values.ledger}: {', '.join(missing)}")
   return 0
 
 

@@ -55,7 +55,13 @@ REFERENCE_OPTIMIZERS = ("adamw", "stable_adamw")
 """The optimizers whose rows may be the table's reference: the AdamWs."""
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict[str, Any]]
-"""``(config, run name) -> result`` with at least ``final_eval_loss``: trains or reuses a run."""
+"""``(config, run name) -> result`` with at least ``final_eval_loss``: trains or reuses a run,
+or raises :class:`MissingRun`."""
+
+
+class MissingRun(LookupError):
+  """Raised by a TrainFn that has no result for a run and may not train it (``adafactor-compare
+  --from_ledger``): :func:`run_protocol` leaves that run's row out."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,14 +246,22 @@ def near_best_band(losses: dict[float, float]) -> dict[str, Any] | None:
 def run_protocol(
   train: TrainFn, configure: Callable[[Any], None], rows: Sequence[str] | None = None
 ) -> list[dict[str, Any]]:
-  """The rows of ROWS named in ``rows`` (default: all, in order) through :func:`sweep`."""
+  """The rows of ROWS named in ``rows`` (default: all, in order) through :func:`sweep`; a row
+  for which ``train`` raises :class:`MissingRun` is left out."""
   names = [row.name for row in ROWS]
   unknown = sorted(set(rows or ()) - set(names))
   if unknown:
     raise ConfigError(
       f"--rows: no row named {', '.join(map(repr, unknown))}; the rows are {names}."
     )
-  return [sweep(row, train, configure) for row in ROWS if rows is None or row.name in rows]
+  results = []
+  for row in ROWS:
+    if rows is None or row.name in rows:
+      try:
+        results.append(sweep(row, train, configure))
+      except MissingRun:
+        continue
+  return results
 
 
 def welch_t_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:

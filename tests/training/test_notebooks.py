@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("ipykernel")
 
+from adafactor_jax.training import sweep  # noqa: E402
 from adafactor_jax.training.configs import paper  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
@@ -127,3 +129,24 @@ def test_sharded(tmp_path, monkeypatch):
     assert abs(float(a) - float(b)) <= 1e-4, text
   assert float(rows[-1][1]) < float(rows[0][1]), text
   assert images == 0, text
+
+
+def test_paper_findings_quotes_the_verdicts_its_targets_cell_prints_on_the_committed_results(
+  capsys,
+):
+  """The markdown above the targets' cell quotes what that cell prints on the project's
+  results (docs/results/fair_default.json and fair_4x.json): rerun the suite, and a quote not
+  brought up to date fails here."""
+  nb = nbformat.read(NOTEBOOKS / "paper_findings.ipynb", as_version=4)
+  (index,) = [i for i, c in enumerate(nb.cells) if "def check_targets(fair)" in c.source]
+  quoted = re.search(r"the next cell prints:\n\n```\n(.*?)\n```", nb.cells[index - 1].source, re.S)
+  assert quoted, nb.cells[index - 1].source
+  results = NOTEBOOKS.parent / "docs" / "results"
+  sizes = {
+    "the default job": json.loads((results / "fair_default.json").read_text()),
+    "4x the parameters (d_model 256, mlp_dim 1024)": json.loads(
+      (results / "fair_4x.json").read_text()
+    ),
+  }
+  exec(nb.cells[index].source, {"SMALL": False, "sizes": sizes, "math": math, "sweep": sweep})
+  assert capsys.readouterr().out.strip() == quoted.group(1)

@@ -300,6 +300,40 @@ def test_a_ledger_stands_in_for_lost_workdirs_only_where_the_config_is_the_same(
   assert "--ledger cannot stand in for --suite=switch's workdirs" in capsys.readouterr().err
 
 
+def test_from_ledger_trains_nothing_and_leaves_out_the_rows_whose_runs_it_lacks(
+  fake_training, tmp_path, capsys
+):
+  ledger = tmp_path / "ledger"
+  argv = ["adafactor-compare", "--suite=fair", "--num_steps=40", f"--ledger={ledger}"]
+  assert compare.main([*argv, f"--workdir={tmp_path / 'a'}", "--noprogress"]) == 0
+  whole = {r["name"]: r for r in json.loads((tmp_path / "a" / "fair.json").read_text())}
+  # A row with one evaluation seed's run missing, and one whose selection sweep stops short.
+  (ledger / "stable_adamw" / "lr0.002_seed2.json").unlink()
+  (ledger / "big_vision" / "lr0.0015_seed0.json").unlink()
+  trained = dict(fake_training)
+  capsys.readouterr()
+  assert compare.main([*argv, f"--workdir={tmp_path / 'b'}", "--noprogress", "--from_ledger"]) == 0
+  assert fake_training == trained and not fake_training.reused
+  rows = json.loads((tmp_path / "b" / "fair.json").read_text())
+  kept = [row.name for row in sweep.ROWS if row.name not in ("big_vision", "stable_adamw")]
+  assert [r["name"] for r in rows] == kept
+  assert rows == [whole[name] for name in kept]
+  out = capsys.readouterr().out
+  assert "left out, their runs not all in" in out and out.endswith("big_vision, stable_adamw\n")
+  # The same table without those two rows (the reference, adamw_b2_0.95, is among the kept).
+  table = (tmp_path / "a" / "fair.md").read_text().splitlines(keepends=True)
+  assert (tmp_path / "b" / "fair.md").read_text() == "".join(
+    line for line in table if not line.startswith(("| big_vision |", "| stable_adamw |"))
+  )
+
+  assert compare.main(["adafactor-compare", "--suite=fair", "--from_ledger"]) == 2
+  assert "--from_ledger reads every run from --ledger" in capsys.readouterr().err
+  empty = ["adafactor-compare", "--suite=paper", f"--ledger={tmp_path / 'none'}", "--from_ledger"]
+  assert compare.main([*empty, f"--workdir={tmp_path / 'c'}"]) == 2
+  assert "holds no complete row of --suite=paper" in capsys.readouterr().err
+  assert fake_training == trained
+
+
 @pytest.mark.parametrize(
   ("flag", "message"),
   [
@@ -375,27 +409,38 @@ def test_the_fair_protocol_end_to_end_on_a_tiny_model(tmp_path):
   assert sorted((tmp_path / "fair" / "adafactor").iterdir()) == runs
 
 
-@pytest.mark.parametrize("size", ["fair_default", "fair_4x"])
+FAIR_RESULTS = sorted(path.stem for path in RESULTS.glob("fair_*.json"))
+
+
+def test_the_fair_results_are_committed():
+  assert {"fair_default", "fair_4x", "fair_default_2026-11-26"} <= set(FAIR_RESULTS)
+
+
+@pytest.mark.parametrize("size", FAIR_RESULTS)
 def test_the_committed_fair_table_is_its_results_table(size):
-  """docs/results/fair_{default,4x}.md are what adafactor-compare --suite fair wrote from the
-  JSON next to them (and the README shows the .md: tests/test_readme.py), every row bracketed."""
+  """docs/results/fair_*.md are what adafactor-compare --suite fair wrote from the JSON next to
+  them (and the pages show the .md: tests/test_readme.py): ROWS in their order, every row
+  bracketed and evaluated on SEEDS; a table made --from_ledger while runs are missing lacks
+  the rows that miss one (the pages name them)."""
   results = json.loads((RESULTS / f"{size}.json").read_text())
   if "seeds" not in results[0]:
     pytest.skip(
       f"docs/results/{size}.json was measured before issue 30's protocol (seeds 0-2, the "
-      "selection seed among them, no t-test, fewer rows): its table is the old one until the "
-      "suite is run again"
+      "selection seed among them, no t-test, fewer rows)"
     )
   assert (RESULTS / f"{size}.md").read_text() == sweep.table(results) + "\n"
-  assert [r["name"] for r in results] == [row.name for row in sweep.ROWS]
+  names = [r["name"] for r in results]
+  assert names == [row.name for row in sweep.ROWS if row.name in names]
   assert all(r["bracketed"] in (None, True) for r in results)
   assert all(r["seeds"] == list(sweep.SEEDS) for r in results)
+  assert all(len(r["seed_losses"]) == len(sweep.SEEDS) for r in results)
 
 
-@pytest.mark.parametrize("size", ["fair_default", "fair_4x"])
+@pytest.mark.parametrize("size", FAIR_RESULTS)
 def test_results_from_before_the_seeds_were_recorded_still_make_a_table(size):
-  """The notebook shows the committed results, from before issue 30: their seeds are counted,
-  and the reference AdamW is the one whose sweep (the selection seed's runs) ended lowest."""
+  """The notebook and the comparison page show results from before issue 30: their seeds are
+  counted, and the reference AdamW is the one whose sweep (the selection seed's runs) ended
+  lowest."""
   results = json.loads((RESULTS / f"{size}.json").read_text())
   if "seeds" in results[0]:
     pytest.skip(f"docs/results/{size}.json is of the current protocol")
