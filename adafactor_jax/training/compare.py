@@ -400,17 +400,22 @@ def main(argv: list[str] | None = None) -> int:
   title = ", ".join(
     [f"suite {suite!r}: {results[0]['steps']} steps", *(f"{k}={v}" for k, v in overrides.items())]
   )
-  text = render(results)
+  text = render(results) + left_out(suite, results)
   with open(base + ".md", "w") as f:
     f.write(text + "\n")
   draw(results, base + ".png", title)
   print("\n" + text)
   print(f"\nwrote {base}.json, {base}.md and {base}.png")
+  return 0
+
+
+def left_out(suite: str, results: list[dict[str, Any]]) -> str:
+  """A line under the table naming the suite's rows it lacks (--from_ledger), or ''."""
   expected = [row.name for row in sweep.ROWS] if suite == "fair" else list(suite_configs(suite))
   missing = [name for name in expected if name not in {r["name"] for r in results}]
-  if missing:
-    print(f"left out, their runs not all in {flag_values.ledger}: {', '.join(missing)}")
-  return 0
+  if not missing:
+    return ""
+  return f"\n\nLeft out, their runs not all in the ledger yet: {', '.join(missing)}."
 
 
 def cli() -> None:
