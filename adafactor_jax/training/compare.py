@@ -412,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
 def left_out(suite: str, results: list[dict[str, Any]]) -> str:
   """A line under the table naming the suite's rows it lacks (--from_ledger), or ''."""
   expected = [row.name for row in sweep.ROWS] if suite == "fair" else list(suite_configs(suite))
-  missing = [name for name in expected if name not in {r["name"] for r in results}]
+  present = {r["name"] for r in results}
+  missing = [name for name in expected if name not in present]
   if not missing:
     return ""
   return f"\n\nLeft out, their runs not all in the ledger yet: {', '.join(missing)}."
