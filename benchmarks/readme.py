@@ -18,7 +18,9 @@ relative to the repository:
   --topology ...``), the largest model by the TPU compiler; ``benchmarks/results/tpu.json``
   (``python -m benchmarks.run --topology ...``), the update's bytes on TPU compilers;
   ``benchmarks/results/tpu_groups.json`` (the same with ``--trees`` of many small leaves and
-  ``--optimizers`` with ``adafactor_jax_in_groups``, copied from ``--out``), the step in groups.
+  ``--optimizers`` with ``adafactor_jax_in_groups``, copied from ``--out``), the step in groups;
+  ``benchmarks/results/tpu_scalar_out.json`` (the same trees and optimizers with
+  ``--scalar-out``), the step that also returns a scalar.
 
 A source in ``PENDING`` may not exist yet; its region then reads ``PENDING[source]``. To add a
 table: write a function from the file's parsed JSON to Markdown, add it to ``RENDERERS`` under
@@ -48,6 +50,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
   "memory.json": memory.readme_table,
   "tpu.json": run.tpu_readme_table,
   "tpu_groups.json": run.tpu_readme_table,
+  "tpu_scalar_out.json": run.tpu_readme_table,
   "memory_tpu.json": memory_tpu.readme_table,
 }
 # Sources that are still to be measured, and what their region says until they are.

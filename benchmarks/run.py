@@ -139,6 +139,19 @@ def _step_in_groups(
   return step
 
 
+def _with_scalar_out(
+  step: Callable[[Any, Any, Any], tuple[Any, Any]],
+) -> Callable[[Any, Any, Any], tuple[Any, Any, jax.Array]]:
+  """``step`` that also returns a scalar (one gradient element), as a train step returns its
+  loss beside the parameters and state: then not every output is a donated input, and on
+  trees of many small leaves the TPU compiler schedules the update otherwise (docs/tpu.md)."""
+
+  def with_scalar(params: Any, state: Any, grads: Any) -> tuple[Any, Any, jax.Array]:
+    return (*step(params, state, grads), jax.tree.leaves(grads)[0].ravel()[0])
+
+  return with_scalar
+
+
 def compile_step(tx: optax.GradientTransformation, param_shapes: Tree) -> jax.stages.Compiled:
   """The jitted step (params and state donated) compiled from shapes alone, nothing allocated.
 
@@ -558,10 +571,15 @@ def plot(results: dict[str, Any], path: str) -> None:
 
 
 def compile_for_topology(
-  topology: str, tree_names: Sequence[str], optimizers: Sequence[str]
+  topology: str,
+  tree_names: Sequence[str],
+  optimizers: Sequence[str],
+  *,
+  scalar_out: bool = False,
 ) -> dict[str, Any]:
   """Per tree and optimizer, the figures of the donated step compiled for one chip of a TPU
-  topology (:func:`benchmarks.tpu.figures`), nothing run."""
+  topology (:func:`benchmarks.tpu.figures`), nothing run; with ``scalar_out``, of the step
+  that also returns a scalar, as a train step returns its loss."""
   device = tpu.devices(topology)[0]
   builders = trees_lib.TREES | trees_lib.EXTRA_TREES
   results: dict[str, Any] = {"chip": device.device_kind, "trees": {}}
@@ -578,6 +596,8 @@ def compile_for_topology(
       state = tpu.on_device(jax.eval_shape(tx.init, params), device)
       start = time.perf_counter()
       step = _step_in_groups(tx, IN_GROUPS[name]) if name in IN_GROUPS else _step(tx)
+      if scalar_out:
+        step = _with_scalar_out(step)
       compiled = tpu.compile_for(step, (params, state, params), donate_argnums=(0, 1))
       per_optimizer[name] = tpu.figures(compiled, n_params, trees_lib.tree_bytes(params)) | {
         "compile_s": time.perf_counter() - start
@@ -599,8 +619,14 @@ def tpu_readme_table(results: dict[str, Any]) -> str:
   chips = [tpu.CHIPS.get(t.split(":")[0], results["topologies"][t]["chip"]) for t in topologies]
   lines = [
     f"Compiled with jax {env['jax']} and libtpu {env['libtpu']} for one chip of "
-    f"{', '.join(f'`{t}`' for t in topologies)} ({env['date'][:10]}); the update alone "
-    "(`tx.update` and `optax.apply_updates`, parameters and state donated). Bytes accessed "
+    f"{', '.join(f'`{t}`' for t in topologies)} ({env['date'][:10]}); "
+    + (
+      "the update and a scalar returned beside it, as a train step returns its loss "
+      "(`--scalar-out`; "
+      if results.get("scalar_out")
+      else "the update alone ("
+    )
+    + "`tx.update` and `optax.apply_updates`, parameters and state donated). Bytes accessed "
     "per parameter (temporaries as % of the parameters' bytes where above 0.05%):",
   ]
   first = results["topologies"][topologies[0]]["trees"]
@@ -638,23 +664,34 @@ def tpu_readme_table(results: dict[str, Any]) -> str:
 
 
 def run_topologies(
-  topologies: Sequence[str], tree_names: Sequence[str], optimizers: Sequence[str], out: str
+  topologies: Sequence[str],
+  tree_names: Sequence[str],
+  optimizers: Sequence[str],
+  out: str,
+  *,
+  scalar_out: bool = False,
 ) -> dict[str, Any]:
   """Compiles for each topology and writes ``tpu.json`` to ``out``, keeping the figures of
-  topologies not compiled this time when the versions that decide them are the same."""
+  topologies not compiled this time when the versions that decide them, and the step's
+  outputs (``scalar_out``), are the same."""
   path = os.path.join(out, "tpu.json")
   env = tpu.environment() | {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   }
-  results: dict[str, Any] = {"environment": env, "topologies": {}}
+  results: dict[str, Any] = {"environment": env, "scalar_out": scalar_out, "topologies": {}}
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
     versions = ("jax", "jaxlib", "libtpu", "optax")
-    if all(previous["environment"].get(k) == env[k] for k in versions):
+    if (
+      all(previous["environment"].get(k) == env[k] for k in versions)
+      and previous.get("scalar_out", False) == scalar_out
+    ):
       results["topologies"] = previous["topologies"]
   for topology in topologies:
-    results["topologies"][topology] = compile_for_topology(topology, tree_names, optimizers)
+    results["topologies"][topology] = compile_for_topology(
+      topology, tree_names, optimizers, scalar_out=scalar_out
+    )
   os.makedirs(out, exist_ok=True)
   with open(path, "w") as f:
     json.dump(results, f, indent=1)
@@ -696,6 +733,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     help="compile for one chip of each of these TPU topologies instead of timing here "
     f"(comma list, or 'all' for {','.join(tpu.TOPOLOGIES)}; needs '.[tpu]'); writes tpu.json",
   )
+  parser.add_argument(
+    "--scalar-out",
+    action="store_true",
+    help="with --topology: compile the step that also returns a scalar, as a train step "
+    "returns its loss",
+  )
   parser.add_argument("--no-sweep", action="store_true", help="skip the scaling sweep")
   parser.add_argument(
     "--sweep-max-params", type=float, default=5.2e8, help="largest sweep size (params)"
@@ -709,6 +752,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "--out", default=os.path.join(os.path.dirname(__file__), "results"), help="output directory"
   )
   args = parser.parse_args(argv)
+  if args.scalar_out and args.topology is None:
+    parser.error("--scalar-out: only with --topology (it changes the compiled step, not a timing).")
   if args.topology is not None:
     topologies = list(tpu.TOPOLOGIES) if args.topology == "all" else args.topology.split(",")
     known_optimizers = list(TPU_OPTIMIZERS)
@@ -727,7 +772,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       parser,
     )
     try:
-      return run_topologies(topologies, tree_names, optimizers, args.out)
+      return run_topologies(
+        topologies, tree_names, optimizers, args.out, scalar_out=args.scalar_out
+      )
     except tpu.TopologyError as error:
       parser.exit(2, f"{parser.prog}: {error}\n")
   tree_names = parse_names(

@@ -188,3 +188,10 @@ def test_unknown_names_are_refused(tmp_path):
     run.main(["--trees", "gpt3", "--out", str(tmp_path)])
   with pytest.raises(SystemExit):
     run.main(["--optimizers", "lion", "--out", str(tmp_path)])
+
+
+def test_scalar_out_is_refused_without_a_topology(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    run.main(["--scalar-out", "--out", str(tmp_path)])
+  assert "--scalar-out: only with --topology" in capsys.readouterr().err
+  assert not list(tmp_path.iterdir())

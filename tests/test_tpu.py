@@ -161,3 +161,20 @@ def test_state_shardings_stay_on_a_topologys_mesh(tx):
   )
   grads = placed
   jax.jit(tx.update).lower(grads, state, placed).compile()  # on the topology's devices only
+
+
+def test_a_step_that_also_returns_a_scalar_is_scheduled_otherwise_on_many_small_leaves():
+  """The update alone returns only donated buffers; a train step returns its loss too. With
+  one scalar out beside them, the TPU compiler schedules GPT-2's plain update on v5p leaf by
+  leaf: 32.6 bytes per parameter and 1.73 ms by its estimate (63.4 and 3.36 ms without the
+  scalar), below optax.adafactor's 35.9 and 1.90 ms in the same program, with no
+  temporaries. The bytes of small-leaf trees are the compiler's schedule: AdamW's go the
+  other way there (39.6 to 55.6)."""
+  figures = run.compile_for_topology(
+    "v5p:2x2x1", ("gpt2_124m",), ("adafactor_jax", "optax_adafactor"), scalar_out=True
+  )["trees"]["gpt2_124m"]["optimizers"]
+  ours, optax_adafactor = figures["adafactor_jax"], figures["optax_adafactor"]
+  assert ours["bytes_per_param"] < 0.95 * optax_adafactor["bytes_per_param"]
+  assert ours["optimal_ms"] < 0.95 * optax_adafactor["optimal_ms"]
+  assert ours["bytes_per_param"] < 34.0
+  assert ours["temp_pct_of_params"] < 0.1
