@@ -101,8 +101,12 @@ def update_and_apply(
   and evicts buffers: this library's update of GPT-2 counts 63.4 bytes per parameter on
   v5p, against optax.adafactor's 35.9. One group after another, a group's passes run
   together and nothing is copied across groups (``python -m benchmarks.run --topology
-  v5p:2x2x1 --trees t5_small,gpt2_124m`` measures it; docs/tpu.md). On XLA:CPU the
-  barriers only order work that runs one fusion at a time anyway.
+  v5p:2x2x1 --trees t5_small,gpt2_124m`` measures it; docs/tpu.md). That schedule depends
+  on the program around the update: in a step that also returns a scalar, as a train step
+  returns its loss, the plain update of GPT-2 counts 32.6 on v5p and groups do not help
+  (T5-small's still does: 59.1 plain, 47.6 in groups; ``--scalar-out``). Compile your own
+  step both ways. On XLA:CPU the barriers only order work that runs one fusion at a time
+  anyway.
 
   The optimizer state is ``tx``'s as ``tx.init(params)`` builds it, split by parameter and
   merged back: a checkpoint of it is the same as of the unordered step.
