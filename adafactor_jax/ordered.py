@@ -98,15 +98,16 @@ def update_and_apply(
 
   Why: on the TPU compiler, a step over a tree of many small leaves beside a large one (an
   embedding) interleaves the leaves' passes, and its memory-space assignment then copies
-  and evicts buffers: this library's update of GPT-2 counts 63.4 bytes per parameter on
-  v5p, against optax.adafactor's 35.9. One group after another, a group's passes run
-  together and nothing is copied across groups (``python -m benchmarks.run --topology
-  v5p:2x2x1 --trees t5_small,gpt2_124m`` measures it; docs/tpu.md). That schedule depends
-  on the program around the update: in a step that also returns a scalar, as a train step
-  returns its loss, the plain update of GPT-2 counts 32.6 on v5p and groups do not help
-  (T5-small's still does: 59.1 plain, 47.6 in groups; ``--scalar-out``). Compile your own
-  step both ways. On XLA:CPU the barriers only order work that runs one fusion at a time
-  anyway.
+  and evicts buffers: this library's update of GPT-2 counts 63.4 bytes accessed per
+  parameter on v5p (22.0 through HBM), against optax.adafactor's 35.9 (26.1). One group
+  after another, a group's passes run together and nothing is copied across groups: 40.3
+  (19.2 through HBM; ``python -m benchmarks.run --topology v5p:2x2x1 --trees
+  t5_small,gpt2_124m`` measures it; docs/tpu.md). That schedule depends on the program
+  around the update: in a step that also returns a scalar, as a train step returns its
+  loss, the plain update of GPT-2 counts 32.6 on v5p (19.9 through HBM) and T5-small's
+  moves less through HBM plain than in groups (15.4 against 16.8; ``--scalar-out``).
+  Compile your own step both ways. On XLA:CPU the barriers only order work that runs one
+  fusion at a time anyway.
 
   The optimizer state is ``tx``'s as ``tx.init(params)`` builds it, split by parameter and
   merged back: a checkpoint of it is the same as of the unordered step.

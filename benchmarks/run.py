@@ -603,7 +603,8 @@ def compile_for_topology(
         "compile_s": time.perf_counter() - start
       }
       print(
-        f"{topology} {tree} {name}: {per_optimizer[name]['bytes_per_param']:.2f} B/param",
+        f"{topology} {tree} {name}: {per_optimizer[name]['hbm_bytes_per_param']:.2f} HBM, "
+        f"{per_optimizer[name]['bytes_per_param']:.2f} accessed B/param",
         file=sys.stderr,
         flush=True,
       )
@@ -612,8 +613,9 @@ def compile_for_topology(
 
 
 def tpu_readme_table(results: dict[str, Any]) -> str:
-  """Per tree, a row per optimizer and a column per chip: bytes accessed per parameter by the
-  TPU compiler, with the temporaries as % of the parameters' bytes where over 0.05%."""
+  """Per tree, a row per optimizer and a column per chip: HBM bytes and bytes accessed per
+  parameter by the TPU compiler, with the temporaries as % of the parameters' bytes where over
+  0.05%."""
   env = results["environment"]
   topologies = list(results["topologies"])
   chips = [tpu.CHIPS.get(t.split(":")[0], results["topologies"][t]["chip"]) for t in topologies]
@@ -626,22 +628,14 @@ def tpu_readme_table(results: dict[str, Any]) -> str:
       if results.get("scalar_out")
       else "the update alone ("
     )
-    + "`tx.update` and `optax.apply_updates`, parameters and state donated). Bytes accessed "
-    "per parameter (temporaries as % of the parameters' bytes where above 0.05%):",
+    + "`tx.update` and `optax.apply_updates`, parameters and state donated). Per parameter, "
+    "the bytes read from and written to HBM / the compiler's bytes accessed, which add the "
+    "on-chip side of buffers it prefetches (temporaries as % of the parameters' bytes where "
+    "above 0.05%):",
   ]
   first = results["topologies"][topologies[0]]["trees"]
   for tree, entry in first.items():
-    has_estimate = any(
-      f.get("optimal_ms") is not None
-      for t in topologies
-      for f in results["topologies"][t]["trees"][tree]["optimizers"].values()
-    )
-    estimate = [t for t in topologies if t.startswith("v5p")][:1] if has_estimate else []
-    header = [
-      "optimizer",
-      *chips,
-      *(f"{chips[topologies.index(t)]} ms (compiler)" for t in estimate),
-    ]
+    header = ["optimizer", *chips]
     lines += [
       "",
       f"**{TREE_LABELS.get(tree, tree)}** ({entry['params'] / 1e6:.1f}M parameters)",
@@ -654,11 +648,7 @@ def tpu_readme_table(results: dict[str, Any]) -> str:
       for t in topologies:
         f = results["topologies"][t]["trees"][tree]["optimizers"][name]
         temp = f" ({f['temp_pct_of_params']:.1f}%)" if f["temp_pct_of_params"] > 0.05 else ""
-        cells.append(f"{f['bytes_per_param']:.1f}{temp}")
-      for t in estimate:
-        cells.append(
-          _fmt(results["topologies"][t]["trees"][tree]["optimizers"][name]["optimal_ms"], ".2f")
-        )
+        cells.append(f"{f['hbm_bytes_per_param']:.1f} / {f['bytes_per_param']:.1f}{temp}")
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

@@ -195,3 +195,51 @@ def test_scalar_out_is_refused_without_a_topology(tmp_path, capsys):
     run.main(["--scalar-out", "--out", str(tmp_path)])
   assert "--scalar-out: only with --topology" in capsys.readouterr().err
   assert not list(tmp_path.iterdir())
+
+
+# A TPU program's entry as the compiler prints it (tiles and attributes trimmed): the
+# gradient of w, g, is prefetched on chip (S(1)), the update runs there and is evicted
+# to HBM; the gradient of e, h, is prefetched in two halves. 1024 float32 are 4 KiB.
+PREFETCHING_PROGRAM = """
+HloModule step
+
+%fused (a: f32[1024], b: f32[1024]) -> f32[1024] {
+  %a = f32[1024]{0} parameter(0)
+  ROOT %s = f32[1024]{0} subtract(%a, %a)
+}
+
+ENTRY %main (w: f32[1024], g: f32[1024], e: f32[2048], h: f32[2048]) -> (f32[1024], f32[2048]) {
+  %w = f32[1024]{0} parameter(0), sharding={replicated}
+  %g = f32[1024]{0} parameter(1), sharding={replicated}
+  %e = f32[2048]{0} parameter(2), sharding={replicated}
+  %h = f32[2048]{0} parameter(3), sharding={replicated}
+  %copy-start = (f32[1024]{0:S(1)}, f32[1024]{0}, u32[]{:S(2)}) copy-start(%g)
+  %copy-done = f32[1024]{0:S(1)} copy-done(%copy-start)
+  %fusion = f32[1024]{0:S(1)} fusion(%w, %copy-done), kind=kLoop, calls=%fused
+  %copy-start.1 = (f32[1024]{0}, f32[1024]{0:S(1)}, u32[]{:S(2)}) copy-start(%fusion)
+  %copy-done.1 = f32[1024]{0} copy-done(%copy-start.1)
+  %slice-start = ((f32[2048]{0}), f32[1024]{0:S(1)}, s32[]{:S(2)}) slice-start(%h)
+  %slice-start.1 = ((f32[2048]{0}), f32[1024]{0:S(1)}, s32[]{:S(2)}) slice-start(%h)
+  %slice-done = f32[1024]{0:S(1)} slice-done(%slice-start)
+  %slice-done.1 = f32[1024]{0:S(1)} slice-done(%slice-start.1)
+  %custom-call = f32[2048]{0:S(1)} custom-call(%slice-done, %slice-done.1)
+  %fusion.1 = f32[2048]{0} fusion(%e, %custom-call), kind=kLoop, calls=%fused
+  ROOT %tuple = (f32[1024]{0}, f32[2048]{0}) tuple(%copy-done.1, %fusion.1)
+}
+"""
+
+
+def test_hbm_bytes_count_each_prefetch_and_eviction_once_and_no_on_chip_access():
+  from benchmarks import tpu
+
+  kib = 1024 * 4
+  prefetch_g, read_w, evict_update, halves_of_h, read_and_write_e = kib, kib, kib, 2 * kib, 4 * kib
+  assert tpu.hbm_bytes(PREFETCHING_PROGRAM) == (
+    prefetch_g + read_w + evict_update + halves_of_h + read_and_write_e
+  )
+  looped = PREFETCHING_PROGRAM.replace("custom-call(", "while(")
+  with pytest.raises(ValueError, match="'while'"):
+    tpu.hbm_bytes(looped)
+  gathered = PREFETCHING_PROGRAM.replace("slice-start(%h)", "all-gather-start(%h)")
+  with pytest.raises(ValueError, match="all-gather-start"):
+    tpu.hbm_bytes(gathered)
