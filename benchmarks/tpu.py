@@ -117,7 +117,8 @@ def hbm_bytes(hlo_text: str) -> int:
   """The bytes a compiled TPU program reads from and writes to HBM, from its text
   (``compiled.as_text()``): each operation of the entry computation counts its operands and
   results that live in HBM; an asynchronous copy counts its HBM end once (an on-chip buffer's
-  prefetch reads HBM once, its eviction writes it once), a sliced prefetch its slice.
+  prefetch reads HBM once, its eviction writes it once), a sliced prefetch its slice; every
+  other operation is taken to read its operands whole, as an optimizer update's fusions do.
 
   ``bytes accessed`` counts the on-chip side too, and both ends of every copy. Raises
   ValueError on a program this count does not read right: one with loops, calls or an
