@@ -88,7 +88,7 @@ _DTYPE_BITS = {
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\](?:\{([^}]*)\})?")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
 _NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "opt-barrier"}
-_NESTED = {"while", "call", "conditional", "async-start"}
+_NESTED = {"while", "call", "conditional"}
 
 
 def _arrays(shape: str) -> list[tuple[int, int]]:
