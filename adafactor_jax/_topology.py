@@ -1,14 +1,18 @@
 """A TPU topology's devices, to compile for ahead of time on a machine without a TPU.
 
 Shared by the benchmarks and the training job's ``--compile_only``; it needs libtpu
-(``pip install -e '.[tpu]'``) and drives no TPU.
+(``pip install -e '.[tpu]'``) and drives no TPU. Also what a compiled program's buffer
+assignment, dumped by XLA, says its largest temporaries are.
 """
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import importlib.util
 import os
+import re
+from collections.abc import Sequence
 from typing import Any
 
 EXAMPLES = ("v5e:2x2", "v5e:16x16", "v4:2x2x1", "v5p:4x4x4", "v6e:2x2")
@@ -54,3 +58,51 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
       f"{f' {num_slices} slices of' if slices else ''} (e.g. {', '.join(EXAMPLES)}): {first}"
     ) from None
   return list(description.devices)
+
+
+_VALUE = re.compile(r"^ value: <\d+ ([^\s{]+)\S* @[^>]*> \(size=(\d+),offset=(\d+)\): (\S+)")
+
+
+def largest_buffers(dump: str, count: int = 5) -> list[dict[str, Any]]:
+  """The largest buffers of the temporary allocation in an XLA dump's buffer assignment
+  (``compile({"xla_dump_to": dump})``): bytes, shape, and the operation that made each (its
+  JAX name), largest first. Empty when the dump has none (a compiler that writes no buffer
+  assignment)."""
+  assignments = sorted(glob.glob(os.path.join(dump, "*after_optimizations-buffer-assignment.txt")))
+  if not assignments:
+    return []
+  # Values at one offset share its memory (a buffer updated in place is several values):
+  # the largest of them stands for it.
+  buffers: dict[tuple[str, int], tuple[int, str, str]] = {}
+  allocation = ""
+  with open(assignments[-1]) as f:
+    for line in f:
+      if line.startswith("allocation "):
+        # The default memory space's temporaries: other colours are on-chip memories.
+        temp = "preallocated-temp" in line and "color" not in line
+        allocation = line.split(":")[0] if temp else ""
+      elif allocation and (match := _VALUE.match(line)):
+        name, size, offset, shape = match[1], int(match[2]), int(match[3]), match[4]
+        key = (allocation, offset)
+        buffers[key] = max(buffers.get(key, (0, "", "")), (size, shape.split("{")[0], name))
+  largest = sorted(buffers.values(), reverse=True)[:count]
+  hlo = assignments[-1].replace("-buffer-assignment.txt", ".txt")
+  ops = _op_names(hlo, [name for _, _, name in largest])
+  return [
+    {"bytes": size, "shape": shape, "op": ops.get(name, name)} for size, shape, name in largest
+  ]
+
+
+def _op_names(hlo_path: str, names: Sequence[str]) -> dict[str, str]:
+  """The JAX operation each named instruction of an HLO dump comes from, without the jitted
+  function's name."""
+  if not os.path.exists(hlo_path):
+    return {}
+  wanted = set(names)
+  found = {}
+  with open(hlo_path) as f:
+    for line in f:
+      match = re.match(r"\s*(?:ROOT )?%(\S+) = .*?op_name=\"([^\"]+)\"", line)
+      if match and match[1] in wanted:
+        found[match[1]] = re.sub(r"^jit\([^)]*\)/", "", match[2])
+  return found

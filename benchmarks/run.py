@@ -31,6 +31,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -598,10 +599,11 @@ def compile_for_topology(
       step = _step_in_groups(tx, IN_GROUPS[name]) if name in IN_GROUPS else _step(tx)
       if scalar_out:
         step = _with_scalar_out(step)
-      compiled = tpu.compile_for(step, (params, state, params), donate_argnums=(0, 1))
-      per_optimizer[name] = tpu.figures(compiled, n_params, trees_lib.tree_bytes(params)) | {
-        "compile_s": time.perf_counter() - start
-      }
+      with tempfile.TemporaryDirectory() as dump:
+        compiled = tpu.compile_for(step, (params, state, params), donate_argnums=(0, 1), dump=dump)
+        per_optimizer[name] = tpu.figures(
+          compiled, n_params, trees_lib.tree_bytes(params), dump=dump
+        ) | {"compile_s": time.perf_counter() - start}
       print(
         f"{topology} {tree} {name}: {per_optimizer[name]['hbm_bytes_per_param']:.2f} HBM, "
         f"{per_optimizer[name]['bytes_per_param']:.2f} accessed B/param",

@@ -25,7 +25,12 @@ from typing import Any
 
 import jax
 
-from adafactor_jax._topology import TopologyError, libtpu_version, topology_devices
+from adafactor_jax._topology import (
+  TopologyError,
+  largest_buffers,
+  libtpu_version,
+  topology_devices,
+)
 
 __all__ = [
   "TopologyError",
@@ -57,10 +62,17 @@ def on_device(tree: Any, device: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def figures(compiled: jax.stages.Compiled, n_params: int, param_bytes: int) -> dict[str, Any]:
+def figures(
+  compiled: jax.stages.Compiled, n_params: int, param_bytes: int, *, dump: str | None = None
+) -> dict[str, Any]:
   """The compiled program's own figures: bytes accessed and HBM bytes (in all and per
   parameter), its temporaries (bytes and % of the parameters' bytes), and the compiler's time
-  estimate where it gives a usable one (v5p; on other chips it comes out negative)."""
+  estimate where it gives a usable one (v5p; on other chips it comes out negative).
+
+  With the folder ``compiled`` was dumped to (:func:`compile_for`'s ``dump``), also its largest
+  temporary buffer (bytes, shape, the operation that made it): the temporaries in all also hold
+  the compiler's handles of its asynchronous copies, which v6e's aligns to 16 KiB apiece, so a
+  program of many prefetches has temporaries and no temporary array."""
   cost = compiled.cost_analysis()
   if isinstance(cost, list):  # older jax: one dict per program
     cost = cost[0]
@@ -75,6 +87,7 @@ def figures(compiled: jax.stages.Compiled, n_params: int, param_bytes: int) -> d
     "temp_bytes": temp,
     "temp_pct_of_params": 100 * temp / param_bytes,
     "optimal_ms": None if seconds is None or seconds <= 0 else 1e3 * float(seconds),
+    **({} if dump is None else {"largest_temp": next(iter(largest_buffers(dump, 1)), None)}),
   }
 
 
@@ -150,11 +163,17 @@ def hbm_bytes(hlo_text: str) -> int:
 
 
 def compile_for(
-  step: Callable[..., Any], args: tuple[Any, ...], donate_argnums: tuple[int, ...]
+  step: Callable[..., Any],
+  args: tuple[Any, ...],
+  donate_argnums: tuple[int, ...],
+  *,
+  dump: str | None = None,
 ) -> jax.stages.Compiled:
   """``step`` jitted with those arguments donated and compiled for the devices the
-  arguments' shardings name (a topology's, from :func:`on_device`)."""
-  return jax.jit(step, donate_argnums=donate_argnums).lower(*args).compile()
+  arguments' shardings name (a topology's, from :func:`on_device`); with ``dump``, XLA writes
+  the compiled program and its buffer assignment to that folder."""
+  lowered = jax.jit(step, donate_argnums=donate_argnums).lower(*args)
+  return lowered.compile(None if dump is None else {"xla_dump_to": dump})
 
 
 def environment() -> dict[str, Any]:

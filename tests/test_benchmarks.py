@@ -243,3 +243,41 @@ def test_hbm_bytes_count_each_prefetch_and_eviction_once_and_no_on_chip_access()
   gathered = PREFETCHING_PROGRAM.replace("slice-start(%h)", "all-gather-start(%h)")
   with pytest.raises(ValueError, match="all-gather-start"):
     tpu.hbm_bytes(gathered)
+
+
+BUFFER_ASSIGNMENT = """\
+allocation 0: size 16384, parameter 0, shape |f32[64,64]| at ShapeIndex {}:
+ value: <1 p0 @0> (size=16384,offset=0): f32[64,64]{1,0}
+allocation 1: size 49184, preallocated-temp:
+ value: <2 copy-start.1{} @0> (size=32,offset=49152): (f32[64]{0}, f32[64]{0:S(1)}, u32[]{:S(2)})
+ value: <3 multiply.2 @0> (size=16384,offset=0): f32[64,64]{1,0:T(8,128)}
+ value: <4 add.3 @0> (size=16384,offset=0): f32[64,64]{1,0:T(8,128)}
+ value: <5 fusion.4 @0> (size=32768,offset=16384): f32[128,64]{1,0:T(8,128)}
+allocation 2: size 1048576, color 1, preallocated-temp:
+ value: <6 copy-done.5 @1> (size=1048576,offset=0): f32[512,512]{1,0:S(1)}
+"""
+
+DUMPED_PROGRAM = """\
+ENTRY %main (p0: f32[64,64]) -> f32[64,64] {
+  %multiply.2 = f32[64,64]{1,0} multiply(%p0, %p0), metadata={op_name="jit(step)/mul"}
+  %fusion.4 = f32[128,64]{1,0} fusion(%p0), kind=kLoop, metadata={op_name="jit(step)/concatenate"}
+}
+"""
+
+
+def test_largest_buffers_are_the_default_memorys_temporaries_one_per_offset(tmp_path):
+  """The parser of XLA's buffer assignment that the TPU figures and --compile_only use: values
+  at one offset are one buffer (the largest stands for it), on-chip colours and parameters are
+  not temporaries, and each buffer is named by its JAX operation."""
+  from adafactor_jax._topology import largest_buffers
+
+  stem = tmp_path / "module_0001.jit_step.after_optimizations"
+  (tmp_path / f"{stem.name}-buffer-assignment.txt").write_text(BUFFER_ASSIGNMENT)
+  (tmp_path / f"{stem.name}.txt").write_text(DUMPED_PROGRAM)
+  assert largest_buffers(str(tmp_path)) == [
+    {"bytes": 32768, "shape": "f32[128,64]", "op": "concatenate"},
+    {"bytes": 16384, "shape": "f32[64,64]", "op": "mul"},
+    {"bytes": 32, "shape": "(f32[64]", "op": "copy-start.1"},
+  ]
+  assert largest_buffers(str(tmp_path), 1)[0]["bytes"] == 32768
+  assert largest_buffers(str(tmp_path / "empty")) == []

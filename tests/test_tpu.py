@@ -122,16 +122,23 @@ def test_no_more_traffic_than_optax_adafactor_and_no_temporaries(topology):
   """On every chip and tree, the default update moves no more bytes than optax.adafactor's in
   the same compile (v5e 28.85 against 29.23, v4 37.63 against 38.04, ...) and no more than
   AdamW's where the stacked leaves let the compiler reach the floor; its temporaries stay
-  under 1% of the parameters' bytes."""
+  under 1% of the parameters' bytes, and no temporary array is larger than a factored
+  statistic (the embedding's 32768 row means, 128 KiB): nothing parameter-sized is stored.
+  v6e's 1.4% on the plain tree (optax.adafactor's 1.3%) is the compiler's handles of the
+  asynchronous copies that prefetch its leaves, 32 bytes each at a 16 KiB alignment."""
   figures = compiled_figures(topology)
   for tree in TREES:
     ours = figures[tree]["optimizers"]["adafactor_jax"]
     assert ours["bytes_per_param"] <= bytes_per_param(topology, tree, "optax_adafactor"), tree
     for name in ("adafactor_jax", "adafactor_jax_telemetry", "adafactor_jax_bf16_momentum"):
-      temp = figures[tree]["optimizers"][name]["temp_pct_of_params"]
-      # v6e's compiler evicts prefetched buffers of the plain tree to HBM: 1.4% (optax.adafactor
-      # 1.3%, from nothing of its own); a single 4096 x 4096 leaf needs 0.49%.
-      assert temp < (1.5 if (topology, tree) == ("v6e:2x2", "large") else 1.0), (tree, name)
+      figure = figures[tree]["optimizers"][name]
+      assert figure["largest_temp"] is None or figure["largest_temp"]["bytes"] <= 32768 * 4, (
+        tree,
+        name,
+        figure["largest_temp"],
+      )
+      limit = 1.5 if (topology, tree) == ("v6e:2x2", "large") else 1.0
+      assert figure["temp_pct_of_params"] < limit, (tree, name)
   stacked = bytes_per_param(topology, "large_stacked", "adafactor_jax")
   assert stacked <= bytes_per_param(topology, "large_stacked", "optax_adamw")
 

@@ -15,7 +15,6 @@ buffers, and what would help; nothing is written.
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -29,7 +28,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from adafactor_jax._topology import TopologyError, libtpu_version, topology_devices
+from adafactor_jax._topology import (
+  TopologyError,
+  largest_buffers,
+  libtpu_version,
+  topology_devices,
+)
 from adafactor_jax.training import train
 
 __all__ = ["DoesNotFit", "TopologyError", "compile_train_step", "main", "topology_devices"]
@@ -43,8 +47,6 @@ HBM_AVAILABLE = {
 }
 """HBM per device that libtpu lets a program use, by device kind: the figures of its own
 refusals ('exceeds available HBM (15.75G)'), a little under what the chips are sold with."""
-
-LARGEST_SHOWN = 5
 
 
 class DoesNotFit(Exception):
@@ -132,52 +134,6 @@ def compile_train_step(
     "jax": jax.__version__,
     "libtpu": libtpu_version(),
   }
-
-
-_VALUE = re.compile(r"^ value: <\d+ ([^\s{]+)\S* @[^>]*> \(size=(\d+),offset=(\d+)\): (\S+)")
-
-
-def largest_buffers(dump: str, count: int = LARGEST_SHOWN) -> list[dict[str, Any]]:
-  """The largest buffers of the temporary allocation in an XLA dump's buffer assignment: bytes,
-  shape, and the operation that made each (its JAX name), largest first. Empty when the dump
-  has none (a compiler that writes no buffer assignment)."""
-  assignments = sorted(glob.glob(os.path.join(dump, "*after_optimizations-buffer-assignment.txt")))
-  if not assignments:
-    return []
-  # Values at one offset share its memory (a buffer updated in place is several values):
-  # the largest of them stands for it.
-  buffers: dict[tuple[str, int], tuple[int, str, str]] = {}
-  allocation = ""
-  with open(assignments[-1]) as f:
-    for line in f:
-      if line.startswith("allocation "):
-        # The default memory space's temporaries: other colours are on-chip memories.
-        temp = "preallocated-temp" in line and "color" not in line
-        allocation = line.split(":")[0] if temp else ""
-      elif allocation and (match := _VALUE.match(line)):
-        name, size, offset, shape = match[1], int(match[2]), int(match[3]), match[4]
-        key = (allocation, offset)
-        buffers[key] = max(buffers.get(key, (0, "", "")), (size, shape.split("{")[0], name))
-  largest = sorted(buffers.values(), reverse=True)[:count]
-  hlo = assignments[-1].replace("-buffer-assignment.txt", ".txt")
-  ops = _op_names(hlo, [name for _, _, name in largest])
-  return [
-    {"bytes": size, "shape": shape, "op": ops.get(name, name)} for size, shape, name in largest
-  ]
-
-
-def _op_names(hlo_path: str, names: Sequence[str]) -> dict[str, str]:
-  """The JAX operation each named instruction of an HLO dump comes from."""
-  if not os.path.exists(hlo_path):
-    return {}
-  wanted = set(names)
-  found = {}
-  with open(hlo_path) as f:
-    for line in f:
-      match = re.match(r"\s*(?:ROOT )?%(\S+) = .*?op_name=\"([^\"]+)\"", line)
-      if match and match[1] in wanted:
-        found[match[1]] = match[2].removeprefix("jit(train_step)/")
-  return found
 
 
 def _gib(n: float) -> str:
