@@ -70,9 +70,9 @@ def figures(
   estimate where it gives a usable one (v5p; on other chips it comes out negative).
 
   With the folder ``compiled`` was dumped to (:func:`compile_for`'s ``dump``), also its largest
-  temporary buffer (bytes, shape, the operation that made it): the temporaries in all also hold
-  the compiler's handles of its asynchronous copies, which v6e's aligns to 16 KiB apiece, so a
-  program of many prefetches has temporaries and no temporary array."""
+  temporary buffer (bytes, shape, the operation that made it): the TPU compiler puts each
+  temporary value, down to the 32-byte handle of an asynchronous copy, at a 16 KiB-aligned
+  offset, so a program of many prefetches has megabytes of temporaries and no large array."""
   cost = compiled.cost_analysis()
   if isinstance(cost, list):  # older jax: one dict per program
     cost = cost[0]
