@@ -31,7 +31,8 @@ against a workdir's megabytes of checkpoints) in ``DIR/<run name>.json``; a run 
 entry holds its exact config is read from there instead of trained. Committed, a ledger
 lets another machine redo a suite's tables, or go on with its runs, without the workdirs.
 ``--from_ledger`` trains nothing: the suite's files from the ledger's runs alone, without the
-runs it lacks (in the fair suite, without the rows that lack a run), which it names.
+runs it lacks (in the fair suite, without the rows that lack a run), which it names; with
+``--rows``, the files of those rows alone.
 """
 
 from __future__ import annotations
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     "rows",
     None,
     "The fair suite's rows to train, e.g. to train rows in parallel processes; only a run of "
-    "every row writes the results.",
+    "every row writes the results, or a --from_ledger run, which writes those rows' alone.",
     flag_values=flag_values,
   )
   flags.DEFINE_string(
@@ -389,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
   render, draw = RENDERERS.get(suite, (table, chart))
-  if rows is not None:  # a part of the suite: its table, but the suite's files are the whole's
+  if rows is not None and not flag_values.from_ledger:
+    # A part of the suite trained: its table, but the suite's files are the whole's. Read from
+    # the ledger, the part is a table of its own (e.g. the rows run again for longer).
     print("\n" + render(results))
     return 0
   base = os.path.join(workdir, suite)
@@ -400,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
   title = ", ".join(
     [f"suite {suite!r}: {results[0]['steps']} steps", *(f"{k}={v}" for k, v in overrides.items())]
   )
-  text = render(results) + left_out(suite, results)
+  text = render(results) + left_out(suite, results, rows)
   with open(base + ".md", "w") as f:
     f.write(text + "\n")
   draw(results, base + ".png", title)
@@ -409,9 +412,15 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-def left_out(suite: str, results: list[dict[str, Any]]) -> str:
-  """A line under the table naming the suite's rows it lacks (--from_ledger), or ''."""
-  expected = [row.name for row in sweep.ROWS] if suite == "fair" else list(suite_configs(suite))
+def left_out(suite: str, results: list[dict[str, Any]], rows: list[str] | None = None) -> str:
+  """A line under the table naming the rows it lacks (--from_ledger), or '': of ``rows`` where
+  given, else of the whole suite."""
+  if rows is not None:
+    expected = list(rows)
+  elif suite == "fair":
+    expected = [row.name for row in sweep.ROWS]
+  else:
+    expected = list(suite_configs(suite))
   present = {r["name"] for r in results}
   missing = [name for name in expected if name not in present]
   if not missing:
