@@ -135,8 +135,8 @@ def test_paper_findings_quotes_the_verdicts_its_targets_cell_prints_on_the_commi
   capsys,
 ):
   """The markdown above the targets' cell quotes what that cell prints on the project's
-  results (docs/results/fair_default.json and fair_4x.json): rerun the suite, and a quote not
-  brought up to date fails here."""
+  results (docs/results/fair_default.json, fair_default_3000.json and fair_4x.json): rerun the
+  suite, and a quote not brought up to date fails here."""
   nb = nbformat.read(NOTEBOOKS / "paper_findings.ipynb", as_version=4)
   (index,) = [i for i, c in enumerate(nb.cells) if "def check_targets(fair)" in c.source]
   quoted = re.search(r"the next cell prints:\n\n```\n(.*?)\n```", nb.cells[index - 1].source, re.S)
@@ -144,6 +144,9 @@ def test_paper_findings_quotes_the_verdicts_its_targets_cell_prints_on_the_commi
   results = NOTEBOOKS.parent / "docs" / "results"
   sizes = {
     "the default job": json.loads((results / "fair_default.json").read_text()),
+    "the default job, 3000 steps (four rows)": json.loads(
+      (results / "fair_default_3000.json").read_text()
+    ),
     "4x the parameters (d_model 256, mlp_dim 1024)": json.loads(
       (results / "fair_4x.json").read_text()
     ),
