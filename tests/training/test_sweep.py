@@ -460,6 +460,29 @@ def test_the_committed_fair_table_is_its_results_table(size):
   assert all(len(r["seed_losses"]) == len(sweep.SEEDS) for r in results)
 
 
+SIZE_OVERRIDES = {"fair_4x": ["--config.model.d_model=256", "--config.model.mlp_dim=1024"]}
+"""The model-size flags each results file's runs were trained with (the JSON records the steps)."""
+
+
+@pytest.mark.parametrize("size", FAIR_RESULTS)
+def test_the_committed_fair_results_are_what_the_committed_ledger_makes(size, tmp_path):
+  """docs/results/fair_<size>.{json,md} come from docs/results/ledger/fair_<size>/ alone
+  (--from_ledger): every run the table rests on is committed, with its config."""
+  results = json.loads((RESULTS / f"{size}.json").read_text())
+  ledger = RESULTS / "ledger" / size
+  if "seeds" not in results[0]:
+    pytest.skip(f"docs/results/{size}.json was measured before the runs were kept in a ledger")
+  argv = ["adafactor-compare", "--suite=fair", f"--ledger={ledger}", "--from_ledger"]
+  argv += [f"--workdir={tmp_path}", "--noprogress", *SIZE_OVERRIDES.get(size, [])]
+  if results[0]["steps"] != default.get_config().num_steps:  # the flag sets more than steps
+    argv.append(f"--num_steps={results[0]['steps']}")
+  if size in ROWS_RUN:
+    argv.append("--rows=" + ",".join(ROWS_RUN[size]))
+  assert compare.main(argv) == 0
+  assert json.loads((tmp_path / "fair.json").read_text()) == results
+  assert (tmp_path / "fair.md").read_text() == (RESULTS / f"{size}.md").read_text()
+
+
 @pytest.mark.parametrize("size", FAIR_RESULTS)
 def test_results_from_before_the_seeds_were_recorded_still_make_a_table(size):
   """The notebook and the comparison page show results from before issue 30: their seeds are
