@@ -6,9 +6,9 @@ from typing import Any
 
 import optax
 
-from adafactor_jax import _checks
+from adafactor_jax import _checks, _probe
 from adafactor_jax.factored import FactorDimsFn, FactorRules, scale_by_factored_rms
-from adafactor_jax.momentum import FLOAT32, ema_momentum, momentum_dtype_or_error
+from adafactor_jax.momentum import FLOAT32, INT8, ema_momentum, momentum_dtype_or_error
 from adafactor_jax.nonfinite import skip_nonfinite as skip_nonfinite_steps
 from adafactor_jax.rounding import stochastic_rounding as stochastic_rounding_step
 from adafactor_jax.scaling import scale_by_learning_rate, scale_by_parameter_scale
@@ -61,7 +61,10 @@ def adafactor(
      1–4, i.e. of the clipped, step-size-scaled update, with no bias
      correction, stored in ``momentum_dtype`` (as optax and T5X; HF #34506),
      with float32 arithmetic; :math:`U \leftarrow M` as stored
-     (:func:`adafactor_jax.ema_momentum`);
+     (:func:`adafactor_jax.ema_momentum`). int8 with clipping quantizes on
+     the grid of :func:`adafactor_jax.momentum.chord_bound`, an upper bound of
+     each line's maximum, exact when nothing is clipped, which the pass that
+     computes the clipping denominator gives: one read of :math:`G` less;
   6. decoupled weight decay, if set: :math:`U + \lambda X` for the parameters
      ``weight_decay_mask`` selects; :math:`\lambda` is a *rate*, not multiplied
      by the step size (as ``optax.adafactor``'s and T5X's ``weight_decay_rate``:
@@ -108,7 +111,7 @@ def adafactor(
       memory for it). Defaults to ``None``.
     momentum_dtype: dtype of the momentum buffer (bfloat16 halves it; int8
       quarters it, plus a float32 scale per line along the parameter's longest
-      axis: see :func:`ema_momentum`).
+      axis: see :func:`ema_momentum`, and step 5 for its grid).
       Defaults to ``float32``.
     weight_decay_rate: decoupled weight decay rate >= 0 (float or schedule), or
       None; not multiplied by the step size (step 6). Defaults to ``None``.
@@ -232,4 +235,36 @@ def adafactor(
   if stochastic_rounding:
     chain.append(stochastic_rounding_step(rounding_seed))
   tx = optax.chain(*chain)
+  if (
+    momentum is not None
+    and momentum_dtype == INT8
+    and clipping_threshold is not None
+    and not (weight_decay_step is not None and weight_decay_scaled_by_step)
+  ):
+    # Between the two only the step size and the parameter scale, factors per parameter.
+    tx = _clipping_deferred_to_momentum(tx)
   return skip_nonfinite_steps(tx) if skip_nonfinite else tx
+
+
+def _clipping_deferred_to_momentum(
+  tx: optax.GradientTransformationExtraArgs,
+) -> optax.GradientTransformationExtraArgs:
+  """``tx``, the chain of :func:`adafactor` with int8 momentum, whose factored transformation
+  leaves the clipping to the momentum (:class:`adafactor_jax._probe.DeferredClipping`), so
+  that the momentum bounds its lines' maxima in the pass that computes the clipping
+  denominator (:func:`adafactor_jax.momentum.chord_bound`). Same state, same update up to
+  rounding; the int8 grid is the bound's."""
+
+  def update_fn(
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
+    deferral = _probe.DeferredClipping()
+    extra_args = {**extra_args, _probe.DEFERRED_CLIPPING_ARG: deferral}
+    updates, state = tx.update(updates, state, params, **extra_args)
+    deferral.check()
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)

@@ -655,9 +655,12 @@ def scale_by_factored_rms(
         col_factor = col_factor / denominator
       return _saturating_cast(widen(grad) * row_factor * col_factor, grad.dtype)
 
-    new_updates = [
-      scaled(g, out, d) for g, out, d in zip(grads, outputs, denominators, strict=True)
-    ]
+    applied = denominators
+    deferral = _probe.find_deferred_clipping(extra_args)
+    if deferral is not None and clipping_threshold is not None:
+      # adafactor's int8 momentum divides by them (_probe.DeferredClipping).
+      deferral.denominators, applied = denominators, [None] * len(denominators)
+    new_updates = [scaled(g, out, d) for g, out, d in zip(grads, outputs, applied, strict=True)]
     v_row, v_col, v = (
       treedef.unflatten([getattr(out, name) for out in outputs]) for name in ("v_row", "v_col", "v")
     )

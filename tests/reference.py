@@ -32,12 +32,19 @@ def int8_block_axis(shape: tuple[int, ...]) -> int | None:
   return max(range(len(shape)), key=lambda i: (shape[i], i)) if shape else None
 
 
-def int8_round_trip(m: np.ndarray) -> np.ndarray:
+def line_max(x: np.ndarray) -> np.ndarray:
+  """max |x| over each int8 block (a line along the longest axis), keeping that axis."""
+  axis = int8_block_axis(x.shape)
+  return np.abs(x) if axis is None else np.max(np.abs(x), axis, keepdims=True)
+
+
+def int8_round_trip(m: np.ndarray, absmax: np.ndarray | None = None) -> np.ndarray:
   """m as int8 momentum stores it: one block per line along the longest axis (the
-  later one on a tie; a scalar alone), values rounded to the grid of max|m| / 127
-  (to nearest even), in float64."""
-  axis = int8_block_axis(m.shape)
-  absmax = np.abs(m) if axis is None else np.max(np.abs(m), axis, keepdims=True)
+  later one on a tie; a scalar alone), values rounded to the grid of absmax / 127
+  (to nearest even), in float64; absmax is max|m| per line unless given (an upper
+  bound of it)."""
+  if absmax is None:
+    absmax = line_max(m)
   with np.errstate(invalid="ignore", divide="ignore"):
     q = np.where(absmax > 0, np.round(127 * m / absmax), 0.0)
   return q * (absmax / 127)
@@ -76,6 +83,9 @@ class Options:
   maximize: bool = False
   # (shape) -> factored axes; None for two_largest_axes with min_dim_size_to_factor.
   factor_axes: Callable[[tuple[int, ...]], tuple[int, int] | None] | None = None
+  # int8 momentum on each line's exact maximum, as ema_momentum in a chain of its own;
+  # adafactor itself, with clipping, takes the chord bound.
+  int8_exact_maxima: bool = False
 
 
 @dataclass
@@ -184,6 +194,20 @@ class Reference:
           # As the library documents: float32 arithmetic, rounded once, and the
           # parameters move by the momentum as stored.
           new_m = new_m.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+        elif (
+          o.momentum_dtype == "int8"
+          and "clipping_denominator" in figures
+          and not o.int8_exact_maxima
+          and not (wd is not None and o.weight_decay_scaled_by_step)
+        ):
+          # adafactor's grid with clipping: f(c) = max|β1 M + (1-β1) c W| is convex in c, and
+          # at c = 1/δ below the chord (1 - c) f(0) + c f(1), W the unclipped step.
+          c = 1.0 / figures["clipping_denominator"]
+          unclipped = u / c
+          bound = (1 - c) * line_max(o.momentum * leaf.m) + c * line_max(
+            o.momentum * leaf.m + (1 - o.momentum) * unclipped
+          )
+          new_m = int8_round_trip(new_m, bound)
         elif o.momentum_dtype == "int8":
           new_m = int8_round_trip(new_m)
         leaf.m = u = new_m
