@@ -229,7 +229,7 @@ def _int8_step(
   denominator: jax.Array | None,
   decay: float,
 ) -> tuple[jax.Array, jax.Array]:
-  """(int8 values, scales) of :math:`M_t = \beta_1 M_{t-1} + (1 - \beta_1) U_t`, with
+  r"""(int8 values, scales) of :math:`M_t = \beta_1 M_{t-1} + (1 - \beta_1) U_t`, with
   :math:`U_t` the update divided by ``denominator`` when clipping was deferred to here
   (:class:`adafactor_jax._probe.DeferredClipping`): then on the grid of :func:`chord_bound`
   where the denominator is one per line, else of each line's maximum."""
