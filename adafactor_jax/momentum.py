@@ -190,11 +190,7 @@ def _after_old_values(q: jax.Array, old_q: jax.Array, absmax: jax.Array) -> jax.
 
 
 def chord_bound(
-  old_q: jax.Array,
-  old_scale: jax.Array,
-  unclipped: jax.Array,
-  denominator: jax.Array,
-  decay: float,
+  old: jax.Array, unclipped: jax.Array, denominator: jax.Array, decay: float
 ) -> jax.Array:
   r"""An upper bound of each line's :math:`\max|M_t|` that needs no pass after the
   clipping denominator: the grid of int8 momentum in :func:`adafactor_jax.adafactor`.
@@ -215,11 +211,11 @@ def chord_bound(
   nothing is clipped (:math:`\delta = 1`); a NumPy simulation (noise-like updates,
   :math:`\beta_1 = 0.9`, lines of 4096) puts it 1%, 8% and 20% above the line's maximum on
   average at :math:`\delta` = 1.1, 2 and 5 (at most 6%, 32%, 56%), a grid that much coarser.
-  ``old_q`` and ``old_scale`` hold :math:`M_{t-1}`, ``decay`` is :math:`\beta_1`.
+  ``old`` is :math:`M_{t-1}` dequantized, ``decay`` is :math:`\beta_1`.
   """
   inverse = 1.0 / denominator
-  old = decay * dequantize(old_q, old_scale)
-  return (1.0 - inverse) * _absmax(old) + inverse * _absmax(old + (1.0 - decay) * unclipped)
+  decayed = decay * old
+  return (1.0 - inverse) * _absmax(decayed) + inverse * _absmax(decayed + (1.0 - decay) * unclipped)
 
 
 def _int8_step(
@@ -242,8 +238,7 @@ def _int8_step(
   axis = block_axis(jnp.shape(new))
   if axis is not None and np.ndim(denominator) and np.shape(denominator)[axis] != 1:
     return _quantized_update(new, old_q, _absmax(new))  # a batch axis is the block axis
-  bound = chord_bound(old_q, old_scale, unclipped, denominator, decay)
-  return _quantized_update(new, old_q, bound)
+  return _quantized_update(new, old_q, chord_bound(old, unclipped, denominator, decay))
 
 
 def _stored_once(stored: Any) -> Any:

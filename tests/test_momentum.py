@@ -190,7 +190,10 @@ def test_the_chord_bound_is_above_each_lines_maximum_and_exact_without_clipping(
     unclipped = rng.standard_normal(shape).astype(np.float32) * 1e-3 * denominator
     bound = np.asarray(
       momentum_lib.chord_bound(
-        jnp.asarray(q), jnp.asarray(scale), jnp.asarray(unclipped), jnp.float32(denominator), decay
+        momentum_lib.dequantize(jnp.asarray(q), jnp.asarray(scale)),
+        jnp.asarray(unclipped),
+        jnp.float32(denominator),
+        decay,
       ),
       np.float64,
     )
