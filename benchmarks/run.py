@@ -33,7 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -577,10 +577,12 @@ def compile_for_topology(
   optimizers: Sequence[str],
   *,
   scalar_out: bool = False,
+  compiler_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Per tree and optimizer, the figures of the donated step compiled for one chip of a TPU
   topology (:func:`benchmarks.tpu.figures`), nothing run; with ``scalar_out``, of the step
-  that also returns a scalar, as a train step returns its loss."""
+  that also returns a scalar, as a train step returns its loss; ``compiler_options`` go to
+  the compiler."""
   device = tpu.devices(topology)[0]
   builders = trees_lib.TREES | trees_lib.EXTRA_TREES
   results: dict[str, Any] = {"chip": device.device_kind, "trees": {}}
@@ -600,7 +602,9 @@ def compile_for_topology(
       if scalar_out:
         step = _with_scalar_out(step)
       with tempfile.TemporaryDirectory() as dump:
-        compiled = tpu.compile_for(step, (params, state, params), donate_argnums=(0, 1), dump=dump)
+        compiled = tpu.compile_for(
+          step, (params, state, params), (0, 1), dump=dump, options=compiler_options
+        )
         per_optimizer[name] = tpu.figures(
           compiled, n_params, trees_lib.tree_bytes(params), dump=dump
         ) | {"compile_s": time.perf_counter() - start}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -168,12 +168,15 @@ def compile_for(
   donate_argnums: tuple[int, ...],
   *,
   dump: str | None = None,
+  options: Mapping[str, Any] | None = None,
 ) -> jax.stages.Compiled:
   """``step`` jitted with those arguments donated and compiled for the devices the
   arguments' shardings name (a topology's, from :func:`on_device`); with ``dump``, XLA writes
-  the compiled program and its buffer assignment to that folder."""
+  the compiled program and its buffer assignment to that folder; ``options`` are the
+  compiler's (e.g. ``{"xla_tpu_sliced_prefetch_max_slices": 0}``)."""
   lowered = jax.jit(step, donate_argnums=donate_argnums).lower(*args)
-  return lowered.compile(None if dump is None else {"xla_dump_to": dump})
+  options = {**(options or {}), **({} if dump is None else {"xla_dump_to": dump})}
+  return lowered.compile(options or None)
 
 
 def environment() -> dict[str, Any]:
